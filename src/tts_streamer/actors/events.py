@@ -1,0 +1,80 @@
+"""Events a session emits. Later layers (AMQP, console, metrics) translate these; they never block."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+import trio
+
+
+@attrs.frozen
+class Initiated:
+    call_id: str
+    message_id: str
+
+
+@attrs.frozen
+class PlayStarted:
+    """The first frame of the message went onto the wire."""
+
+    call_id: str
+    message_id: str
+
+
+@attrs.frozen
+class PlayFinished:
+    """The message is over: played out to its end (``completed``), or ended by a flush that ended it."""
+
+    call_id: str
+    message_id: str
+    text: str
+    texts_added: int
+    frames_sent: int
+    flushes: int
+    completed: bool = True
+
+
+@attrs.frozen
+class Flushed:
+    call_id: str
+    message_id: str | None
+    frames_dropped: int
+
+
+@attrs.frozen
+class SessionError:
+    call_id: str
+    reason: str
+    kind: str
+
+
+@attrs.frozen
+class Stopped:
+    """The session has ended; exactly one per session that started."""
+
+    call_id: str
+    reason: str
+
+
+SessionEvent = Initiated | PlayStarted | PlayFinished | Flushed | SessionError | Stopped
+
+
+class EventSink(Protocol):
+    def emit(self, event: SessionEvent) -> None:
+        """Take an event without blocking (the media path never waits on consumers)."""
+        ...
+
+
+@attrs.define
+class ChannelEventSink:
+    """Puts events on a bounded memory channel; when the consumer lags, drops and counts."""
+
+    channel: trio.MemorySendChannel[SessionEvent]
+    dropped: int = 0
+
+    def emit(self, event: SessionEvent) -> None:
+        try:
+            self.channel.send_nowait(event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.dropped += 1

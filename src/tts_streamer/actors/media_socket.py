@@ -1,0 +1,278 @@
+"""MediaSocket actor: paces audio from a memory channel into one chan_websocket leg.
+
+Frames go out on an absolute timeline, frame ``n`` due at ``t0 + (n - lead) * ptime``: the first
+``lead + 1`` frames go at once (a small cushion queued in Asterisk, which plays out on its own 50 Hz
+clock), the rest at real-time rate, and time spent writing never accumulates as drift. When Asterisk's
+queue would have run dry (the vendor fell behind, or the line was idle) the timeline restarts.
+Up to ``frames_per_message`` due frames travel in one binary message; Asterisk splits it into frames.
+
+Flush drops everything queued here, discards audio still in the channel from flushed utterances, and
+sends FLUSH_MEDIA, all under the send lock, so no frame produced before a flush is written after it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from typing import Protocol
+
+import attrs
+import trio
+
+from tts_streamer.actors.audio import AudioChunk, AudioItem, UtteranceEnd
+from tts_streamer.actors.stats import LatenessRecorder
+from tts_streamer.adapters.chan_websocket import protocol
+from tts_streamer.adapters.chan_websocket.client import MediaConnection
+from tts_streamer.adapters.chan_websocket.protocol import ControlFormat
+
+log = logging.getLogger(__name__)
+
+
+class PlayoutListener(Protocol):
+    """What the MediaSocket tells its session (called from the MediaSocket's task, must not block)."""
+
+    def on_first_frame(self, utterance: int) -> None: ...
+
+    def on_frames_sent(self, utterance: int, frames: int) -> None: ...
+
+    def on_utterance_played(self, utterance: int) -> None: ...
+
+
+@attrs.frozen
+class PacingConfig:
+    lead_frames: int = 3
+    frames_per_message: int = 1
+    # Audio before the leg is bridged is lost; the first caller frame says it is bridged.
+    bridge_timeout: float = 0.5
+    # "auto": use MARK_MEDIA for real playout acknowledgement when the call speaks JSON control.
+    use_marks: str = "auto"
+
+    def __attrs_post_init__(self) -> None:
+        if self.lead_frames < 0 or self.lead_frames >= protocol.XOFF_FRAMES // 2:
+            raise ValueError(f"lead_frames must be in [0, {protocol.XOFF_FRAMES // 2}): {self.lead_frames}")
+        if self.frames_per_message < 1:
+            raise ValueError("frames_per_message must be at least 1")
+        if self.use_marks not in {"auto", "always", "never"}:
+            raise ValueError(f"use_marks must be auto, always or never: {self.use_marks!r}")
+
+
+@attrs.frozen
+class _Frame:
+    utterance: int
+    data: bytes
+    first: bool
+
+
+@attrs.frozen
+class _End:
+    utterance: int
+
+
+@attrs.define
+class MediaStats:
+    frames_sent: int = 0
+    messages_sent: int = 0
+    frames_dropped_by_flush: int = 0
+    timeline_restarts: int = 0
+    flushes: int = 0
+    lateness: LatenessRecorder = attrs.field(factory=LatenessRecorder)
+
+
+class MediaSocket:
+    def __init__(
+        self,
+        conn: MediaConnection,
+        audio: trio.MemoryReceiveChannel[AudioItem],
+        listener: PlayoutListener,
+        config: PacingConfig = PacingConfig(),
+    ) -> None:
+        self.stats = MediaStats()
+        self._conn = conn
+        self._audio = audio
+        self._listener = listener
+        self._config = config
+        start = conn.media_start
+        self._frame_bytes = start.optimal_frame_size
+        self._ptime = start.ptime / 1000
+        self._max_batch = max(
+            1, min(config.frames_per_message, protocol.MAX_MESSAGE_PAYLOAD // self._frame_bytes)
+        )
+        self._use_marks = config.use_marks == "always" or (
+            config.use_marks == "auto" and start.control_format is ControlFormat.JSON
+        )
+        self._queue: collections.deque[_Frame | _End] = collections.deque()
+        self._partial = bytearray()
+        self._partial_utterance = -1
+        self._started: set[int] = set()
+        self._live_from = 0
+        self._t0: float | None = None
+        self._n = 0
+        self._send_lock = trio.Lock()
+        self._wake_scope = trio.CancelScope()
+        self._playout_send, self._playout_recv = trio.open_memory_channel[tuple[float, int]](math.inf)
+        self._bridge_checked = False
+
+    @property
+    def queued_ms(self) -> float:
+        """Audio waiting here (not yet written), in milliseconds."""
+        frames = sum(1 for item in self._queue if isinstance(item, _Frame))
+        return frames * self._ptime * 1000 + len(self._partial) / self._frame_bytes * self._ptime * 1000
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if not self._use_marks:
+                nursery.start_soon(self._serve_playout_clock, name=f"playout[{self._conn.connection_id}]")
+            await self._serve_pacer()
+
+    async def flush(self, live_from: int) -> int:
+        """Drop every frame of utterances below ``live_from`` and empty Asterisk's queue.
+
+        Returns how many frames were dropped here. The vendor must already have stopped producing.
+        """
+        async with self._send_lock:
+            self._live_from = live_from
+            dropped = sum(1 for item in self._queue if isinstance(item, _Frame))
+            dropped += (len(self._partial) + self._frame_bytes - 1) // self._frame_bytes
+            self._queue.clear()
+            self._partial.clear()
+            while True:
+                try:
+                    item = self._audio.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if isinstance(item, AudioChunk) and item.utterance < live_from:
+                    dropped += (len(item.data) + self._frame_bytes - 1) // self._frame_bytes
+                elif item.utterance >= live_from:
+                    self._accept(item)
+            # Playout notifications and marks of flushed audio end as flushed, never as played.
+            while True:
+                try:
+                    self._playout_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            self._conn.forget_marks()
+            self._t0 = None
+            self._n = 0
+            self._wake_scope.cancel(reason="flush")
+            await self._conn.send_command(protocol.FLUSH_MEDIA)
+            self.stats.flushes += 1
+            self.stats.frames_dropped_by_flush += dropped
+            return dropped
+
+    # -- pacing ------------------------------------------------------------------------------------
+
+    async def _serve_pacer(self) -> None:
+        while True:
+            head = await self._next_item()
+            if isinstance(head, _End):
+                self._queue.popleft()
+                await self._utterance_sent(head.utterance)
+                continue
+            if not self._bridge_checked:
+                self._bridge_checked = True
+                with trio.move_on_after(self._config.bridge_timeout):
+                    await self._conn.bridged.wait()
+            if self._conn.paused:
+                await self._conn.wait_resumed()
+            now = trio.current_time()
+            if self._t0 is None or now >= self._t0 + self._n * self._ptime:
+                # Asterisk's queue has (by our clock) run dry: start a new timeline with a fresh lead.
+                if self._t0 is not None:
+                    self.stats.timeline_restarts += 1
+                self._t0 = now
+                self._n = 0
+            deadline = self._t0 + (self._n - self._config.lead_frames) * self._ptime
+            if deadline > now:
+                self._wake_scope = trio.CancelScope()
+                with self._wake_scope:
+                    await trio.sleep_until(deadline)
+                if self._wake_scope.cancelled_caught:
+                    continue  # flushed while waiting: start over with what is left
+            await self._send_due(max(deadline, self._t0))
+
+    async def _next_item(self) -> _Frame | _End:
+        while not self._queue:
+            self._accept(await self._audio.receive())
+        return self._queue[0]
+
+    def _accept(self, item: AudioItem) -> None:
+        """Cut an incoming chunk into frames; an utterance's short last frame is padded with silence."""
+        if item.utterance < self._live_from:
+            return
+        if item.utterance != self._partial_utterance and self._partial:
+            self._pad_partial()
+        self._partial_utterance = item.utterance
+        if isinstance(item, UtteranceEnd):
+            if self._partial:
+                self._pad_partial()
+            self._queue.append(_End(item.utterance))
+            return
+        self._partial += item.data
+        size = self._frame_bytes
+        whole = len(self._partial) - len(self._partial) % size
+        for start in range(0, whole, size):
+            self._queue.append(self._frame(item.utterance, bytes(self._partial[start : start + size])))
+        del self._partial[:whole]
+
+    def _pad_partial(self) -> None:
+        pad = bytes([protocol.ULAW_SILENCE]) * (self._frame_bytes - len(self._partial))
+        self._queue.append(self._frame(self._partial_utterance, bytes(self._partial) + pad))
+        self._partial.clear()
+
+    def _frame(self, utterance: int, data: bytes) -> _Frame:
+        first = utterance not in self._started
+        if first:
+            self._started.add(utterance)
+        return _Frame(utterance, data, first)
+
+    async def _send_due(self, slot_time: float) -> None:
+        async with self._send_lock:
+            # Pull in whatever has arrived meanwhile so due frames can share one message.
+            while len(self._queue) < self._max_batch:
+                try:
+                    self._accept(self._audio.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            batch: list[_Frame] = []
+            # A batch is the due frame plus up to frames_per_message - 1 frames ahead of their slots.
+            while self._queue and len(batch) < self._max_batch:
+                head = self._queue[0]
+                if not isinstance(head, _Frame):
+                    break
+                batch.append(head)
+                self._queue.popleft()
+            if not batch:
+                return
+            await self._conn.send_audio(b"".join(frame.data for frame in batch))
+            self.stats.lateness.record(trio.current_time() - slot_time)
+            self.stats.messages_sent += 1
+            self.stats.frames_sent += len(batch)
+            self._n += len(batch)
+            for frame in batch:
+                if frame.first:
+                    self._listener.on_first_frame(frame.utterance)
+            for utterance, frames in collections.Counter(frame.utterance for frame in batch).items():
+                self._listener.on_frames_sent(utterance, frames)
+
+    # -- playout acknowledgement --------------------------------------------------------------------
+
+    async def _utterance_sent(self, utterance: int) -> None:
+        if self._use_marks:
+            async with self._send_lock:
+                if utterance < self._live_from:
+                    return
+                mark_id = f"u{utterance}"
+                self._conn.on_mark(mark_id, lambda: self._listener.on_utterance_played(utterance))
+                await self._conn.send_command(protocol.mark_media(mark_id))
+            return
+        now = trio.current_time()
+        # The last frame plays within one tick after the queued lead drains.
+        played_at = max(now, (self._t0 or now) + self._n * self._ptime) + self._ptime
+        self._playout_send.send_nowait((played_at, utterance))
+
+    async def _serve_playout_clock(self) -> None:
+        async for played_at, utterance in self._playout_recv:
+            await trio.sleep_until(played_at)
+            if utterance >= self._live_from:
+                self._listener.on_utterance_played(utterance)

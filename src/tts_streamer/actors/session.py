@@ -1,0 +1,321 @@
+"""Session actor: one per call. Owns the MediaSocket and Vendor actors and applies commands in order.
+
+Commands arrive through the session's inbox and run one at a time in the session's own task, so the
+order callers sent them in is the order they take effect. Flush cancels the vendor's scope, drops the
+audio queued between the actors and sends FLUSH_MEDIA; the call stays up. Stop cancels the session's
+scope from outside the inbox (it must not wait behind queued commands); the media socket then closes
+normally under a shielded, bounded scope, which hangs up the external-media leg.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from tts_streamer.actors import events as ev
+from tts_streamer.actors.audio import AudioItem
+from tts_streamer.actors.commands import (
+    Command,
+    CommandError,
+    Reply,
+    SayAdd,
+    SayFinish,
+    SayFlush,
+    SayInit,
+    validate_text,
+)
+from tts_streamer.actors.media_socket import MediaSocket, PacingConfig
+from tts_streamer.actors.vendor import EndOfInput, TextItem, Vendor, VendorItem
+from tts_streamer.adapters.chan_websocket.client import (
+    Dialer,
+    MediaConnection,
+    MediaSocketClosed,
+    MediaSocketError,
+    MediaTimeouts,
+    open_media_connection,
+)
+from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
+
+log = logging.getLogger(__name__)
+
+
+class SessionStartError(Exception):
+    """The session could not start (media socket unreachable, no MEDIA_START...)."""
+
+
+@attrs.frozen
+class SessionConfig:
+    timeouts: MediaTimeouts = MediaTimeouts()
+    pacing: PacingConfig = PacingConfig()
+    max_text_bytes: int = 5000
+    inbox_size: int = 64
+    audio_queue_chunks: int = 32
+
+
+@attrs.define
+class MessageState:
+    message_id: str
+    texts: list[str] = attrs.field(factory=list)
+    unplayed: set[int] = attrs.field(factory=set)
+    frames_sent: int = 0
+    flushes: int = 0
+    play_started: bool = False
+    finishing: bool = False
+
+
+class Session:
+    def __init__(
+        self,
+        call_id: str,
+        media_uri: str,
+        *,
+        engine: VoiceEngine,
+        voice: VoiceSpec,
+        dialer: Dialer,
+        events: ev.EventSink,
+        config: SessionConfig = SessionConfig(),
+        new_message_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.call_id = call_id
+        self.media_uri = media_uri
+        self.engine = engine
+        self.voice = voice
+        self.state = "connecting"
+        self.started_at = trio.current_time()
+        self.last_event: ev.SessionEvent | None = None
+        self.media: MediaSocket | None = None
+        self.connection: MediaConnection | None = None
+        self._dialer = dialer
+        self._events = events
+        self._config = config
+        self._new_message_id = new_message_id
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Command, Reply]](config.inbox_size)
+        self._scope = trio.CancelScope()
+        self._stop_reason = "stopped"
+        self._done = trio.Event()
+        self._message: MessageState | None = None
+        self._open_utterance: int | None = None
+        self._next_utterance = 0
+        self._utterance_message: dict[int, MessageState] = {}
+        self._vendor: Vendor | None = None
+        self._vendor_inbox: trio.MemorySendChannel[VendorItem] | None = None
+
+    # -- public API (any task) -------------------------------------------------------------------
+
+    @property
+    def message_id(self) -> str | None:
+        return None if self._message is None else self._message.message_id
+
+    async def call(self, command: Command) -> object:
+        """Queue a command behind earlier ones and wait for its result (raises CommandError)."""
+        if self._done.is_set():
+            raise CommandError("session_ended", f"session {self.call_id} has ended")
+        reply = Reply()
+        try:
+            self._inbox_send.send_nowait((command, reply))
+        except trio.WouldBlock:
+            raise CommandError("busy", f"session {self.call_id} has too many queued commands") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise CommandError("session_ended", f"session {self.call_id} has ended") from None
+        return await reply.wait()
+
+    async def stop(self, reason: str = "stopped") -> None:
+        """Cancel the session and wait for its cleanup. Harmless when already stopped."""
+        if not self._scope.cancel_called:
+            self._stop_reason = reason
+            self._scope.cancel(reason=reason)
+        await self._done.wait()
+
+    @property
+    def ended(self) -> bool:
+        return self._done.is_set()
+
+    # -- the actor --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        try:
+            with self._scope:
+                async with open_media_connection(self.media_uri, self._dialer, self._config.timeouts) as conn:
+                    self.connection = conn
+                    audio_send, audio_recv = trio.open_memory_channel[AudioItem](
+                        self._config.audio_queue_chunks
+                    )
+                    vendor_send, vendor_recv = trio.open_memory_channel[VendorItem](math.inf)
+                    self._vendor_inbox = vendor_send
+                    self.media = MediaSocket(conn, audio_recv, self, self._config.pacing)
+                    self._vendor = Vendor(
+                        self.engine, self.voice, vendor_recv, audio_send, self, name=f"vendor[{self.call_id}]"
+                    )
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self.media.serve, name=f"media[{self.call_id}]")
+                        nursery.start_soon(self._vendor.serve, name=f"vendor[{self.call_id}]")
+                        self.state = "idle"
+                        started = True
+                        task_status.started(self)
+                        await self._serve_commands()
+        except* MediaSocketClosed as group:
+            self._fail(started, group, "hangup")
+        except* MediaSocketError as group:
+            self._fail(started, group, "media_error")
+        except* Exception as group:
+            if not started:
+                raise
+            log.exception("call=%s session crashed", self.call_id, exc_info=group)
+            self._emit(ev.SessionError(self.call_id, f"internal error: {group.exceptions[0]!r}", "internal"))
+            self._stop_reason = "internal_error"
+        finally:
+            self.state = "stopped"
+            self._inbox_send.close()
+            self._fail_pending_commands()
+            if started:
+                self._emit(ev.Stopped(self.call_id, self._stop_reason))
+            self._done.set()
+
+    def _fail(self, started: bool, group: BaseExceptionGroup[BaseException], reason: str) -> None:
+        error = group.exceptions[0]
+        if not started:
+            raise SessionStartError(str(error)) from error
+        log.warning("call=%s media socket ended the session: %s", self.call_id, error)
+        self._emit(ev.SessionError(self.call_id, str(error), reason))
+        self._stop_reason = reason
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                _command, reply = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            reply.fail(CommandError("session_ended", f"session {self.call_id} has ended"))
+
+    async def _serve_commands(self) -> None:
+        async for command, reply in self._inbox:
+            try:
+                result = await self._apply(command)
+            except CommandError as exc:
+                reply.fail(exc)
+            else:
+                reply.succeed(result)
+
+    async def _apply(self, command: Command) -> object:
+        if isinstance(command, SayInit):
+            return self._say_init(command.message_id)
+        if isinstance(command, SayAdd):
+            await self._say_add(command.text)
+            return None
+        if isinstance(command, SayFlush):
+            return await self._say_flush(end_message=command.end_message)
+        if isinstance(command, SayFinish):
+            await self._say_finish()
+            return None
+        raise CommandError("bad_command", f"unknown command {command!r}")
+
+    def _say_init(self, message_id: str | None) -> str:
+        if self._message is not None and not self._message.finishing:
+            # A new message ends the previous one's input; what it said still plays out, in order.
+            self._finish_message(self._message)
+        self._message = MessageState(message_id or self._new_message_id())
+        self._emit(ev.Initiated(self.call_id, self._message.message_id))
+        return self._message.message_id
+
+    async def _say_add(self, raw: str | bytes) -> None:
+        text = validate_text(raw, self._config.max_text_bytes)
+        message = self._message
+        if message is None:
+            raise CommandError("no_message", "say_add before say_init")
+        if message.finishing:
+            raise CommandError("message_finished", f"message {message.message_id} is already finished")
+        assert self._vendor_inbox is not None
+        if self._open_utterance is None:
+            self._open_utterance = self._next_utterance
+            self._next_utterance += 1
+            self._utterance_message[self._open_utterance] = message
+            message.unplayed.add(self._open_utterance)
+        message.texts.append(text)
+        self.state = "speaking"
+        self._vendor_inbox.send_nowait(TextItem(self._open_utterance, text))
+
+    async def _say_flush(self, *, end_message: bool) -> int:
+        assert self._vendor is not None and self.media is not None
+        live_from = self._next_utterance
+        await self._vendor.flush(live_from)
+        dropped = await self.media.flush(live_from)
+        self._open_utterance = None
+        for utterance in [u for u in self._utterance_message if u < live_from]:
+            flushed = self._utterance_message.pop(utterance)
+            flushed.unplayed.discard(utterance)
+            flushed.flushes += 1
+        message = self._message
+        self._emit(ev.Flushed(self.call_id, None if message is None else message.message_id, dropped))
+        if message is not None and (message.finishing or end_message):
+            self._complete(message)
+        self.state = "idle"
+        return dropped
+
+    async def _say_finish(self) -> None:
+        message = self._message
+        if message is None:
+            raise CommandError("no_message", "say_finish before say_init")
+        if message.finishing:
+            raise CommandError("message_finished", f"message {message.message_id} is already finished")
+        self._finish_message(message)
+
+    def _finish_message(self, message: MessageState) -> None:
+        message.finishing = True
+        if self._open_utterance is not None:
+            assert self._vendor_inbox is not None
+            self._vendor_inbox.send_nowait(EndOfInput(self._open_utterance))
+            self._open_utterance = None
+        if not message.unplayed:
+            self._complete(message)
+
+    def _complete(self, message: MessageState) -> None:
+        if self._message is message:
+            self._message = None
+            self.state = "idle"
+        self._emit(
+            ev.PlayFinished(
+                self.call_id,
+                message.message_id,
+                " ".join(message.texts),
+                len(message.texts),
+                message.frames_sent,
+                message.flushes,
+                completed=message.finishing,
+            )
+        )
+
+    # -- listener callbacks from the MediaSocket and Vendor actors --------------------------------
+
+    def on_first_frame(self, utterance: int) -> None:
+        message = self._utterance_message.get(utterance)
+        if message is not None and not message.play_started:
+            message.play_started = True
+            self._emit(ev.PlayStarted(self.call_id, message.message_id))
+
+    def on_frames_sent(self, utterance: int, frames: int) -> None:
+        message = self._utterance_message.get(utterance)
+        if message is not None:
+            message.frames_sent += frames
+
+    def on_utterance_played(self, utterance: int) -> None:
+        message = self._utterance_message.pop(utterance, None)
+        if message is None:
+            return
+        message.unplayed.discard(utterance)
+        if message.finishing and not message.unplayed:
+            self._complete(message)
+
+    def on_vendor_error(self, utterance: int, error: VoiceError) -> None:
+        if self._open_utterance == utterance:
+            self._open_utterance = None
+        self._emit(ev.SessionError(self.call_id, f"{self.engine.name}: {error}", f"vendor_{error.kind}"))
+
+    def _emit(self, event: ev.SessionEvent) -> None:
+        self.last_event = event
+        self._events.emit(event)

@@ -1,0 +1,240 @@
+"""Trio shell around the chan_websocket protocol: one object, one reader task, one domain exception.
+
+``open_media_connection`` dials the media URI offering the ``media`` subprotocol, waits (bounded) for
+MEDIA_START, then runs a reader task that always drains the socket (so pings are answered and Asterisk's
+writes never time out), tracks XOFF/XON and the bridge signal, and turns every transport failure into
+``MediaSocketError``. Leaving the context closes the socket normally (code 1000) under a shielded,
+bounded scope, which is what hangs up the external-media leg.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import attrs
+import trio
+import trio_websocket
+
+from tts_streamer.adapters.chan_websocket import protocol
+from tts_streamer.adapters.chan_websocket.protocol import (
+    MAX_MESSAGE_PAYLOAD,
+    Command,
+    ControlEvent,
+    MediaStart,
+)
+from tts_streamer.exceptions import first_of, leaves
+
+log = logging.getLogger(__name__)
+
+Dialer = Callable[[str], AbstractAsyncContextManager[trio_websocket.WebSocketConnection]]
+
+
+class MediaSocketError(Exception):
+    """The media WebSocket failed: could not connect, timed out, or was closed."""
+
+
+class MediaSocketClosed(MediaSocketError):
+    """The peer closed the media WebSocket (for Asterisk: the call leg hung up)."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"media socket closed by peer (code {code}, reason {reason!r})")
+        self.code = code
+        self.reason = reason
+
+
+@attrs.frozen
+class MediaTimeouts:
+    connect: float = 5.0
+    media_start: float = 5.0
+    send: float = 2.0
+    close: float = 2.0
+
+
+def websocket_dialer(timeouts: MediaTimeouts = MediaTimeouts()) -> Dialer:
+    """The production dialer: a real WebSocket client offering only the ``media`` subprotocol."""
+
+    def dial(media_uri: str) -> AbstractAsyncContextManager[trio_websocket.WebSocketConnection]:
+        return trio_websocket.open_websocket_url(
+            media_uri,
+            subprotocols=["media"],
+            connect_timeout=timeouts.connect,
+            disconnect_timeout=timeouts.close,
+            # Several control events can arrive back to back (e.g. a mark right after XON).
+            message_queue_size=16,
+        )
+
+    return dial
+
+
+@attrs.define
+class ConnectionStats:
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    commands_sent: int = 0
+    caller_frames_received: int = 0
+    control_events_received: int = 0
+    control_events_dropped: int = 0
+    protocol_errors: int = 0
+
+
+class MediaConnection:
+    """A connected chan_websocket leg after MEDIA_START. Created by ``open_media_connection``."""
+
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, media_start: MediaStart, timeouts: MediaTimeouts
+    ) -> None:
+        self.media_start = media_start
+        self.stats = ConnectionStats()
+        self._ws = ws
+        self._timeouts = timeouts
+        self._events_send, self.events = trio.open_memory_channel[ControlEvent](64)
+        self.bridged = trio.Event()
+        self._resumed = trio.Event()
+        self._resumed.set()
+        self._mark_handlers: dict[str, Callable[[], None]] = {}
+
+    @property
+    def paused(self) -> bool:
+        """True between MEDIA_XOFF and MEDIA_XON: Asterisk's queue is near its drop limit."""
+        return not self._resumed.is_set()
+
+    async def wait_resumed(self) -> None:
+        await self._resumed.wait()
+
+    def on_mark(self, mark_id: str, handler: Callable[[], None]) -> None:
+        """Call ``handler`` when Asterisk reports MEDIA_MARK_PROCESSED for ``mark_id``."""
+        self._mark_handlers[mark_id] = handler
+
+    def forget_marks(self) -> None:
+        """FLUSH_MEDIA drops queued marks: they will never be reported."""
+        self._mark_handlers.clear()
+
+    async def send_audio(self, payload: bytes) -> None:
+        if len(payload) > MAX_MESSAGE_PAYLOAD:
+            raise ValueError(f"audio message of {len(payload)} bytes exceeds {MAX_MESSAGE_PAYLOAD}")
+        await self._send(payload)
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += len(payload)
+
+    async def send_command(self, command: Command) -> None:
+        await self._send(protocol.render_command(command, self.media_start.control_format))
+        self.stats.commands_sent += 1
+
+    async def _send(self, message: bytes | str) -> None:
+        try:
+            with trio.fail_after(self._timeouts.send):
+                await self._ws.send_message(message)
+        except trio.TooSlowError:
+            raise MediaSocketError(f"send blocked for more than {self._timeouts.send} s") from None
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    async def serve_reader(self) -> None:
+        """Drain the socket until it closes; raises MediaSocketClosed when the peer ends it."""
+        try:
+            while True:
+                message = await self._ws.get_message()
+                if isinstance(message, bytes):
+                    self.stats.caller_frames_received += 1
+                    # Asterisk sends caller media only once the leg is bridged: audio before is lost.
+                    self.bridged.set()
+                else:
+                    self._handle_text(message)
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from None
+
+    def _handle_text(self, text: str) -> None:
+        try:
+            event = protocol.parse_event(text)
+        except protocol.ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            log.warning("conn=%s unparsable control message %r: %s", self.connection_id, text[:80], exc)
+            return
+        if isinstance(event, MediaStart):
+            log.warning("conn=%s second MEDIA_START ignored", self.connection_id)
+            return
+        self.stats.control_events_received += 1
+        if event.name == "MEDIA_XOFF":
+            self._resumed = trio.Event()
+        elif event.name == "MEDIA_XON":
+            self._resumed.set()
+        elif event.name == "MEDIA_MARK_PROCESSED":
+            handler = self._mark_handlers.pop(event.argument, None)
+            if handler is not None:
+                handler()
+        elif event.name == "ERROR":
+            log.warning("conn=%s Asterisk reported an error: %s", self.connection_id, event.argument)
+        try:
+            self._events_send.send_nowait(event)
+        except trio.WouldBlock:
+            # Never block the reader on a slow consumer: Asterisk's writes to us time out at 100 ms.
+            self.stats.control_events_dropped += 1
+
+    @property
+    def connection_id(self) -> str:
+        return self.media_start.connection_id
+
+
+def _closed(exc: trio_websocket.ConnectionClosed) -> MediaSocketClosed:
+    reason = exc.reason
+    return MediaSocketClosed(getattr(reason, "code", None), getattr(reason, "reason", None))
+
+
+def _single_media_error(group: BaseExceptionGroup[BaseException]) -> MediaSocketError | None:
+    """The MediaSocketError a nursery group carries, if nothing but it (and Cancelled) is inside."""
+    found = leaves(group)
+    if not all(isinstance(e, MediaSocketError | trio.Cancelled) for e in found):
+        return None
+    return first_of(group, MediaSocketError)
+
+
+async def _await_media_start(ws: trio_websocket.WebSocketConnection) -> MediaStart:
+    while True:
+        message = await ws.get_message()
+        if isinstance(message, bytes):
+            continue  # Asterisk may send audio before MEDIA_START (#1712); not an error.
+        try:
+            event = protocol.parse_event(message)
+        except protocol.ProtocolError as exc:
+            raise MediaSocketError(f"bad first control message {message[:80]!r}: {exc}") from None
+        if isinstance(event, MediaStart):
+            return event
+        log.warning("control event %s before MEDIA_START ignored", event.name)
+
+
+@asynccontextmanager
+async def open_media_connection(
+    media_uri: str, dialer: Dialer, timeouts: MediaTimeouts = MediaTimeouts()
+) -> AsyncIterator[MediaConnection]:
+    """Dial ``media_uri``, wait for MEDIA_START, and keep a reader running while the body runs."""
+    try:
+        async with dialer(media_uri) as ws:
+            try:
+                with trio.fail_after(timeouts.media_start):
+                    media_start = await _await_media_start(ws)
+                if media_start.optimal_frame_size <= 0 or media_start.ptime <= 0:
+                    raise MediaSocketError(f"unusable MEDIA_START framing: {media_start}")
+                conn = MediaConnection(ws, media_start, timeouts)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(conn.serve_reader, name=f"media-reader[{media_start.connection_id}]")
+                    yield conn
+                    nursery.cancel_scope.cancel(reason="media connection closing")
+            except trio.TooSlowError:
+                raise MediaSocketError(
+                    f"no MEDIA_START within {timeouts.media_start} s from {media_uri}"
+                ) from None
+            except trio_websocket.ConnectionClosed as exc:
+                raise _closed(exc) from None
+            finally:
+                # Cancelling inside open_websocket_url would make Asterisk see 1006; close cleanly.
+                with trio.CancelScope(shield=True), trio.move_on_after(timeouts.close):
+                    await ws.aclose(1000)
+    except BaseExceptionGroup as group:
+        single = _single_media_error(group)
+        if single is None:
+            raise
+        raise single from None
+    except (trio_websocket.HandshakeError, OSError) as exc:
+        raise MediaSocketError(f"cannot connect to {media_uri}: {exc}") from exc

@@ -1,0 +1,65 @@
+"""Command line: ``tts-streamer demo`` and ``tts-streamer simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import trio
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tts-streamer", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="speak two sentences into a simulated Asterisk, flushing the first")
+    demo.add_argument("--wav", default="demo.wav", help="where to write what the simulated caller heard")
+    demo.add_argument("--engine", choices=["espeak", "synthetic"], default="espeak")
+    demo.add_argument("--hold", action="store_true", help="keep the call up until SIGINT/SIGTERM")
+    demo.add_argument("--lead-frames", type=int, default=3)
+    demo.add_argument("--frames-per-message", type=int, default=1)
+
+    sim = sub.add_parser("simulate", help="run the chan_websocket simulator on loopback (accepts any id)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8088)
+    return parser
+
+
+async def _simulate(host: str, port: int) -> None:
+    from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
+
+    sim = AsteriskSimulator(accept_any=True)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(serve_asterisk_simulator, sim, host, port)
+        print(f"simulated chan_websocket on ws://{host}:{bound}/media/<any id>", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "demo":
+        from tts_streamer.demo import DemoOptions, run_demo
+
+        options = DemoOptions(
+            wav_path=args.wav,
+            engine=args.engine,
+            hold=args.hold,
+            lead_frames=args.lead_frames,
+            frames_per_message=args.frames_per_message,
+        )
+        return trio.run(run_demo, options)
+    if args.command == "simulate":
+        trio.run(_simulate, args.host, args.port)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

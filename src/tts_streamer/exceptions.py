@@ -1,0 +1,19 @@
+"""Helpers for Trio's strict exception groups, used where a component converts them to one error."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside ``exc``, depth first (``[exc]`` if it is not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+def first_of(exc: BaseException, kind: type[E]) -> E | None:
+    """The first leaf of type ``kind`` inside ``exc``, if any."""
+    return next((leaf for leaf in leaves(exc) if isinstance(leaf, kind)), None)

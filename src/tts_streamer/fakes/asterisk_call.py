@@ -1,0 +1,170 @@
+"""What one simulated chan_websocket leg is configured to do and what it recorded (SimCall)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from tts_streamer.adapters.chan_websocket.protocol import FRAME_BYTES, ULAW_SILENCE, Command, ControlFormat
+from tts_streamer.adapters.wav import write_ulaw_wav
+
+
+@attrs.define
+class SimConfig:
+    """How one simulated leg behaves, faults included. Times are seconds of Trio's clock."""
+
+    control_format: ControlFormat = ControlFormat.TEXT
+    media_start_extra: Mapping[str, Any] = attrs.field(factory=dict)
+    # None: never bridged by itself; the test calls SimCall.bridge().
+    bridge_delay: float | None = 0.0
+    send_caller_audio: bool = True
+    caller_frame: bytes = bytes([ULAW_SILENCE]) * FRAME_BYTES
+    never_send_media_start: bool = False
+    close_after: float | None = None  # after MEDIA_START: close 1000, the caller hung up
+    stall_reads: float | None = None  # after MEDIA_START: stop reading the socket for good
+    audio_before_media_start: bool = False  # #1712
+    tick_phase: float | None = None  # None: drawn from the simulator's seeded random.Random
+    lost_ticks: frozenset[int] = frozenset()  # #2115: these ticks fire too late and lose their slot
+    connect_deadline: float | None = None  # after expect(): the leg is gone, a late connect gets 404
+    write_timeout: float | None = 0.1  # Asterisk's write timeout; a stuck write force-closes (1011)
+    # Off: no per-message/per-frame logs, so played_audio() is all silence; counters stay exact.
+    # Long benchmarks turn it off to keep memory flat.
+    record_frames: bool = True
+
+
+@attrs.frozen
+class BinaryMessage:
+    time: float
+    length: int
+    outcome: str  # queued | dropped_full | dropped_direction | oversize
+
+
+@attrs.frozen
+class QueuedFrame:
+    time: float
+    data: bytes
+
+
+@attrs.frozen
+class PlayedFrame:
+    tick: int
+    time: float
+    data: bytes
+    bridged: bool
+    queued_at: float
+
+
+@attrs.frozen
+class ControlMessage:
+    time: float
+    raw: str
+    command: Command | None
+    outcome: str  # ok | unknown | oversize | empty | bad_json | error
+
+
+@attrs.frozen
+class SentEvent:
+    time: float
+    name: str
+    text: str
+
+
+@attrs.frozen
+class Gap:
+    """Empty ticks between two played frames of one utterance (see SimCall.underruns)."""
+
+    start: float
+    ticks: int
+
+
+@attrs.frozen
+class ClientFault:
+    time: float
+    kind: str  # fragmented_message | unsolicited_pong | unsupported_opcode
+
+
+@attrs.define(eq=False)
+class SimCall:
+    """Everything one leg saw and did.
+
+    ``underruns`` counts empty ticks inside an utterance, decided in hindsight: an empty tick counts
+    when a frame played before it and another frame plays after it, with no FLUSH_MEDIA, no mark
+    (MARK_MEDIA or the STOP_MEDIA_BUFFERING marker) reached in between.
+    Silence the client never follows with audio is not an underrun; paused and lost (#2115) ticks
+    neither count nor end the utterance. A client that sends no marks gets the silence between its
+    utterances counted: ``gaps`` keeps each run's start and length so such gaps can be told apart.
+    """
+
+    connection_id: str
+    config: SimConfig
+    channel: str
+    channel_id: str
+    registered_at: float | None = None
+    connected_at: float | None = None
+    media_start_at: float | None = None
+    bridged_at: float | None = None
+    subprotocol: str | None = None
+    first_tick_at: float | None = None
+    ticks: int = 0
+    answered: bool = False
+    direction: str = "both"
+    messages: list[BinaryMessage] = attrs.field(factory=list)
+    queued: list[QueuedFrame] = attrs.field(factory=list)
+    played: list[PlayedFrame] = attrs.field(factory=list)
+    controls: list[ControlMessage] = attrs.field(factory=list)
+    events: list[SentEvent] = attrs.field(factory=list)
+    gaps: list[Gap] = attrs.field(factory=list)
+    client_faults: list[ClientFault] = attrs.field(factory=list)
+    frames_received: int = 0
+    frames_played: int = 0
+    frames_lost_unbridged: int = 0
+    frames_flushed: int = 0
+    underruns: int = 0
+    tail_bytes_discarded: int = 0
+    messages_dropped_full: int = 0
+    xoff_sent: int = 0
+    xon_sent: int = 0
+    marks_processed: int = 0
+    oversize_closes: int = 0
+    text_dropped_oversize: int = 0
+    unknown_commands: int = 0
+    flushes: int = 0
+    caller_frames_sent: int = 0
+    ticks_lost: int = 0
+    hung_up: bool = False
+    # client_close | connection_lost | HANGUP | simulated | oversize | write_timeout | shutdown
+    hangup_by: str | None = None
+    closed_code: int | None = None
+    closed_at: float | None = None
+    connected: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    ended: trio.Event = attrs.field(factory=trio.Event, repr=False)
+
+    def bridge(self) -> None:
+        """Bridge the leg now (for bridge_delay=None); later ticks are heard, caller audio starts."""
+        if self.bridged_at is None:
+            self.bridged_at = trio.current_time()
+
+    def is_bridged(self, now: float) -> bool:
+        return self.bridged_at is not None and now >= self.bridged_at
+
+    def event_texts(self, name: str) -> list[str]:
+        return [e.text for e in self.events if e.name == name]
+
+    def played_audio(self, *, include_unbridged: bool = False) -> bytes:
+        """What the caller heard: 160 bytes per tick from the first tick to close, 0xFF when silent.
+
+        Frames played before the bridge went nowhere and are silence here unless asked for.
+        """
+        out = bytearray([ULAW_SILENCE]) * (FRAME_BYTES * self.ticks)
+        for frame in self.played:
+            if frame.bridged or include_unbridged:
+                start = frame.tick * FRAME_BYTES
+                out[start : start + len(frame.data)] = frame.data
+        return bytes(out)
+
+    def write_wav(self, path: str | Path, *, include_unbridged: bool = False) -> None:
+        write_ulaw_wav(path, self.played_audio(include_unbridged=include_unbridged))
