@@ -140,18 +140,18 @@ class Session:
     async def run(self, *, task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         try:
-            with self._scope:
-                async with open_media_connection(self.media_uri, self._dialer, self._config.timeouts) as conn:
-                    self.connection = conn
-                    audio_send, audio_recv = trio.open_memory_channel[AudioItem](
-                        self._config.audio_queue_chunks
-                    )
-                    vendor_send, vendor_recv = trio.open_memory_channel[VendorItem](math.inf)
-                    self._vendor_inbox = vendor_send
-                    self.media = MediaSocket(conn, audio_recv, self, self._config.pacing)
-                    self._vendor = Vendor(
-                        self.engine, self.voice, vendor_recv, audio_send, self, name=f"vendor[{self.call_id}]"
-                    )
+            # The stop scope sits inside the connection: stopping cancels the actors, not the
+            # WebSocket machinery, whose reader must stay alive to complete the close handshake.
+            async with open_media_connection(self.media_uri, self._dialer, self._config.timeouts) as conn:
+                self.connection = conn
+                audio_send, audio_recv = trio.open_memory_channel[AudioItem](self._config.audio_queue_chunks)
+                vendor_send, vendor_recv = trio.open_memory_channel[VendorItem](math.inf)
+                self._vendor_inbox = vendor_send
+                self.media = MediaSocket(conn, audio_recv, self, self._config.pacing)
+                self._vendor = Vendor(
+                    self.engine, self.voice, vendor_recv, audio_send, self, name=f"vendor[{self.call_id}]"
+                )
+                with self._scope:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self.media.serve, name=f"media[{self.call_id}]")
                         nursery.start_soon(self._vendor.serve, name=f"vendor[{self.call_id}]")

@@ -94,6 +94,7 @@ class MediaConnection:
         self._resumed = trio.Event()
         self._resumed.set()
         self._mark_handlers: dict[str, Callable[[], None]] = {}
+        self.closing = False
 
     @property
     def paused(self) -> bool:
@@ -143,6 +144,8 @@ class MediaConnection:
                 else:
                     self._handle_text(message)
         except trio_websocket.ConnectionClosed as exc:
+            if self.closing:
+                return  # our own close completing
             raise _closed(exc) from None
 
     def _handle_text(self, text: str) -> None:
@@ -190,6 +193,22 @@ def _single_media_error(group: BaseExceptionGroup[BaseException]) -> MediaSocket
     return first_of(group, MediaSocketError)
 
 
+async def _close_draining(ws: trio_websocket.WebSocketConnection) -> None:
+    """Send a normal close (1000) and read until the handshake completes (no-op if already closed)."""
+
+    async def drain() -> None:
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await ws.aclose(1000)
+        nursery.cancel_scope.cancel()
+
+
 async def _await_media_start(ws: trio_websocket.WebSocketConnection) -> MediaStart:
     while True:
         message = await ws.get_message()
@@ -219,8 +238,16 @@ async def open_media_connection(
                 conn = MediaConnection(ws, media_start, timeouts)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.serve_reader, name=f"media-reader[{media_start.connection_id}]")
-                    yield conn
-                    nursery.cancel_scope.cancel(reason="media connection closing")
+                    try:
+                        yield conn
+                    finally:
+                        # On stop our reader is cancelled with everything else, so the close brings
+                        # its own drain: with unread caller audio queued, trio-websocket would never
+                        # see Asterisk's close reply and would wait out the timeout.
+                        conn.closing = True
+                        with trio.CancelScope(shield=True), trio.move_on_after(timeouts.close):
+                            await _close_draining(ws)
+                        nursery.cancel_scope.cancel(reason="media connection closed")
             except trio.TooSlowError:
                 raise MediaSocketError(
                     f"no MEDIA_START within {timeouts.media_start} s from {media_uri}"
@@ -230,7 +257,7 @@ async def open_media_connection(
             finally:
                 # Cancelling inside open_websocket_url would make Asterisk see 1006; close cleanly.
                 with trio.CancelScope(shield=True), trio.move_on_after(timeouts.close):
-                    await ws.aclose(1000)
+                    await _close_draining(ws)
     except BaseExceptionGroup as group:
         single = _single_media_error(group)
         if single is None:

@@ -1,0 +1,50 @@
+"""The chan_websocket client over real loopback sockets (the real clock), where trio-websocket's own
+tasks matter: closing must complete the handshake rather than wait out the close timeout."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.support import RecordingSink
+from tts_streamer.actors import events as ev
+from tts_streamer.actors.commands import SayAdd, SayInit
+from tts_streamer.actors.session import SessionConfig
+from tts_streamer.adapters.chan_websocket.client import MediaTimeouts, websocket_dialer
+from tts_streamer.adapters.synthetic import SyntheticEngine
+from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
+from tts_streamer.supervisor.sessions import open_supervisor
+
+pytestmark = pytest.mark.realtime
+
+
+@pytest.mark.parametrize("caller_audio", [True, False])
+async def test_stop_completes_the_close_handshake_while_caller_audio_flows(caller_audio: bool) -> None:
+    from tts_streamer.fakes.asterisk import SimConfig
+
+    sim = AsteriskSimulator(SimConfig(send_caller_audio=caller_audio), accept_any=True)
+    engine = SyntheticEngine(seconds_per_char=0.1, speed=1.0)
+    sink = RecordingSink()
+    # A close timeout far beyond the test's bound: if the handshake cannot complete, the test fails.
+    config = SessionConfig(timeouts=MediaTimeouts(close=60.0))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
+            async with open_supervisor(
+                engines={"synthetic": engine},
+                default_engine="synthetic",
+                dialer=websocket_dialer(MediaTimeouts(close=60.0)),
+                events=sink,
+                config=config,
+            ) as supervisor:
+                await supervisor.start_session("c1", f"ws://127.0.0.1:{port}/media/c1")
+                await supervisor.call("c1", SayInit())
+                await supervisor.call("c1", SayAdd("x" * 30))
+                await sink.wait_for(ev.PlayStarted, "c1")
+                with trio.fail_after(2):
+                    await supervisor.stop("c1")
+            call = sim.calls["c1"]
+            with trio.fail_after(2):
+                await call.ended.wait()
+            assert call.closed_code == 1000 and call.hangup_by == "client_close"
+            nursery.cancel_scope.cancel()
