@@ -85,7 +85,8 @@ async def run_demo(options: DemoOptions) -> int:
             events=sink,
             config=SessionConfig(pacing=pacing),
         ) as supervisor:
-            await nursery.start(serve_shutdown_signals, supervisor, nursery.cancel_scope)
+            shutdown = trio.Event()
+            await nursery.start(serve_shutdown_signals, shutdown)
             await supervisor.start_session("demo", media_uri)
             await supervisor.call("demo", SayInit())
             await supervisor.call("demo", SayAdd(FIRST))
@@ -100,7 +101,7 @@ async def run_demo(options: DemoOptions) -> int:
             sender = media.stats
             if options.hold:
                 print("holding the call; send SIGINT or SIGTERM to stop", flush=True)
-                await trio.sleep_forever()
+                await shutdown.wait()
             await supervisor.stop("demo")
         nursery.cancel_scope.cancel()
     call = sim.calls[connection_id]

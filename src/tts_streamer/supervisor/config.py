@@ -1,0 +1,136 @@
+"""Daemon configuration from environment variables (names of the Go service where one exists).
+
+Read once at startup; a bad value is a startup error naming the variable, never a later crash.
+docs/configuration.md lists every variable; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@attrs.frozen
+class DaemonConfig:
+    rabbitmq_address: str = "amqp://guest:guest@127.0.0.1:5672/"
+    pod_id: str = "tts-streamer"
+    amqp_prefetch: int = 10
+    amqp_timeout: float = 3.0
+    per_pod_queue_expires_ms: int = 1_800_000
+    per_pod_message_ttl_ms: int = 3_000  # callers give up after 3 s; older requests only make orphans
+    delay_exchange: bool = False
+    create_timeout: float = 2.5
+    call_manager_timeout: float = 3.0
+    delete_forward_timeout: float = 1.0
+    max_text_bytes: int = 5000
+    event_buffer: int = 10_000
+    drain_timeout: float = 10.0
+    default_engine: str = "espeak"
+    lead_frames: int = 3
+    frames_per_message: int = 1
+    media_start_timeout: float = 5.0
+    admin_socket: str = "/tmp/tts-streamer.sock"
+    admin_host: str = ""
+    admin_port: int = 0
+    admin_token: str = ""
+    http_host: str = "0.0.0.0"
+    http_port: int = 9090
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DaemonConfig:
+        d = cls()
+
+        def get(name: str, default: T, parse: Callable[[str], T]) -> T:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r}: {exc}") from None
+
+        pod_id = env.get("POD_ID") or env.get("HOSTNAME") or socket.gethostname() or d.pod_id
+        return cls(
+            rabbitmq_address=get("RABBITMQ_ADDRESS", d.rabbitmq_address, str),
+            pod_id=pod_id,
+            amqp_prefetch=get("AMQP_PREFETCH", d.amqp_prefetch, _positive_int),
+            amqp_timeout=get("AMQP_TIMEOUT", d.amqp_timeout, _positive_float),
+            per_pod_queue_expires_ms=get(
+                "PER_POD_QUEUE_EXPIRES_MS", d.per_pod_queue_expires_ms, _positive_int
+            ),
+            per_pod_message_ttl_ms=get("PER_POD_MESSAGE_TTL_MS", d.per_pod_message_ttl_ms, _positive_int),
+            delay_exchange=get("DELAY_EXCHANGE", d.delay_exchange, _bool),
+            create_timeout=get("CREATE_TIMEOUT", d.create_timeout, _positive_float),
+            call_manager_timeout=get("CALL_MANAGER_TIMEOUT", d.call_manager_timeout, _positive_float),
+            delete_forward_timeout=get("DELETE_FORWARD_TIMEOUT", d.delete_forward_timeout, _positive_float),
+            max_text_bytes=get("MAX_TEXT_BYTES", d.max_text_bytes, _positive_int),
+            event_buffer=get("EVENT_BUFFER", d.event_buffer, _positive_int),
+            drain_timeout=get("DRAIN_TIMEOUT", d.drain_timeout, _positive_float),
+            default_engine=get("DEFAULT_ENGINE", d.default_engine, str),
+            lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
+            frames_per_message=get("FRAMES_PER_MESSAGE", d.frames_per_message, _positive_int),
+            media_start_timeout=get("MEDIA_START_TIMEOUT", d.media_start_timeout, _positive_float),
+            admin_socket=get("ADMIN_SOCKET", d.admin_socket, str),
+            admin_host=get("ADMIN_HOST", d.admin_host, str),
+            admin_port=get("ADMIN_PORT", d.admin_port, _non_negative_int),
+            admin_token=get("ADMIN_TOKEN", d.admin_token, str),
+            http_host=get("HTTP_HOST", d.http_host, str),
+            http_port=get("HTTP_PORT", d.http_port, _non_negative_int),
+            log_level=get("LOG_LEVEL", d.log_level, _log_level),
+        )
+
+    @property
+    def shared_queue(self) -> str:
+        return "bin-manager.tts-manager.request"
+
+    @property
+    def pod_queue(self) -> str:
+        return f"bin-manager.tts-manager.request.{self.pod_id}"
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level

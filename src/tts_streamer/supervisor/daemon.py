@@ -1,0 +1,183 @@
+"""``tts-streamer serve``: the daemon. Wires the supervisor, the AMQP bridge and the command plane.
+
+Shutdown (SIGTERM, SIGINT, or ``DaemonHandle.shutdown``) drains by a deadline, hypercorn-style:
+stop consuming (callers fail fast instead of timing out on a dying pod), refuse new sessions, stop every
+streaming through its normal path (external media stopped, socket closed, events published), wait for
+the event buffer to reach the broker, then return, all within ``drain_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from tts_streamer.actors.media_socket import PacingConfig
+from tts_streamer.actors.session import SessionConfig
+from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
+from tts_streamer.adapters.voice import VoiceEngine
+from tts_streamer.supervisor.amqp_bridge import (
+    AmqpBridge,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+    open_amqp_bridge,
+)
+from tts_streamer.supervisor.call_manager import CallManager
+from tts_streamer.supervisor.command_plane import CONTROL_EXCHANGE, CommandPlane
+from tts_streamer.supervisor.config import DaemonConfig
+from tts_streamer.supervisor.event_bus import EventBus
+from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
+from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
+from tts_streamer.supervisor.signals import serve_shutdown_signals
+from tts_streamer.supervisor.streamings import StreamingService
+
+log = logging.getLogger(__name__)
+
+DELAY_EXCHANGE = "bin-manager.delay"
+
+
+def topology(config: DaemonConfig) -> Topology:
+    """Queues and exchanges, declared exactly as the Go service declares the shared ones."""
+    exchanges = [
+        ExchangeSpec(EVENT_EXCHANGE, "fanout", durable=True),
+        ExchangeSpec(CONTROL_EXCHANGE, "fanout", durable=True),
+    ]
+    pod_bindings = [CONTROL_EXCHANGE]
+    shared_bindings: list[str] = []
+    if config.delay_exchange:
+        # Needs rabbitmq_delayed_message_exchange; declaring it without the plugin kills the connection.
+        exchanges.append(
+            ExchangeSpec(
+                DELAY_EXCHANGE, "x-delayed-message", durable=True, arguments={"x-delayed-type": "direct"}
+            )
+        )
+        pod_bindings.append(DELAY_EXCHANGE)
+        shared_bindings.append(DELAY_EXCHANGE)
+    return Topology(
+        consume=(
+            QueueSpec(config.shared_queue, durable=True, auto_delete=False, bind_to=tuple(shared_bindings)),
+            # Per-pod: volatile, so a dead pod leaves nothing behind and stale requests expire.
+            QueueSpec(
+                config.pod_queue,
+                durable=False,
+                auto_delete=True,
+                arguments={
+                    "x-expires": config.per_pod_queue_expires_ms,
+                    "x-message-ttl": config.per_pod_message_ttl_ms,
+                },
+                bind_to=tuple(pod_bindings),
+            ),
+        ),
+        exchanges=tuple(exchanges),
+        prefetch=config.amqp_prefetch,
+    )
+
+
+@attrs.define
+class DaemonHandle:
+    """What a running daemon exposes to tests and the admin console."""
+
+    config: DaemonConfig
+    supervisor: Supervisor
+    bus: EventBus
+    bridge: AmqpBridge
+    streamings: StreamingService
+    plane: CommandPlane
+    publisher: EventPublisher
+    shutdown_requested: trio.Event
+
+    def shutdown(self) -> None:
+        self.shutdown_requested.set()
+
+
+def default_engines() -> dict[str, VoiceEngine]:
+    from tts_streamer.adapters.espeak import EspeakEngine
+
+    return {"espeak": EspeakEngine()}
+
+
+async def run_daemon(
+    config: DaemonConfig,
+    *,
+    engines: Mapping[str, VoiceEngine] | None = None,
+    dialer: Dialer | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    engines = dict(engines) if engines is not None else default_engines()
+    bus = EventBus()
+    publisher = EventPublisher(capacity=config.event_buffer)
+    shutdown = trio.Event()
+    session_config = SessionConfig(
+        timeouts=MediaTimeouts(media_start=config.media_start_timeout),
+        pacing=PacingConfig(lead_frames=config.lead_frames, frames_per_message=config.frames_per_message),
+        max_text_bytes=config.max_text_bytes,
+    )
+    async with trio.open_nursery() as root:
+        if handle_signals:
+            await root.start(serve_shutdown_signals, shutdown)
+        async with open_supervisor(
+            engines=engines,
+            default_engine=config.default_engine,
+            dialer=dialer or websocket_dialer(),
+            events=bus,
+            config=session_config,
+            stop_grace=config.drain_timeout,
+        ) as supervisor:
+            log.info("pod %s connecting to the broker", config.pod_id)
+            async with open_amqp_bridge(
+                config.rabbitmq_address, topology(config), broker_timeout=config.amqp_timeout
+            ) as bridge:
+                root.start_soon(publisher.serve, bridge, name="event-publisher")
+                async with trio.open_nursery() as services:
+                    streamings = StreamingService(
+                        supervisor,
+                        CallManager(bridge, config.call_manager_timeout),
+                        publisher,
+                        services,
+                        pod_id=config.pod_id,
+                        create_timeout=config.create_timeout,
+                        max_text_bytes=config.max_text_bytes,
+                    )
+                    bus.add_listener(streamings.on_session_event)
+                    plane = CommandPlane(
+                        bridge,
+                        streamings,
+                        pod_id=config.pod_id,
+                        forward_timeout=config.delete_forward_timeout,
+                    )
+                    await services.start(plane.serve)
+                    log.info("pod %s serving %s and %s", config.pod_id, config.shared_queue, config.pod_queue)
+                    task_status.started(
+                        DaemonHandle(config, supervisor, bus, bridge, streamings, plane, publisher, shutdown)
+                    )
+                    await shutdown.wait()
+                    await _drain(config, bridge, supervisor, streamings, publisher)
+                    services.cancel_scope.cancel(reason="shutdown")
+        root.cancel_scope.cancel(reason="shutdown")
+    log.info("pod %s stopped", config.pod_id)
+
+
+async def _drain(
+    config: DaemonConfig,
+    bridge: AmqpBridge,
+    supervisor: Supervisor,
+    streamings: StreamingService,
+    publisher: EventPublisher,
+) -> None:
+    with trio.move_on_after(config.drain_timeout) as deadline:
+        supervisor.accepting = False
+        await bridge.stop_consuming()
+        log.info("draining %d streaming(s)", len(streamings.streamings))
+        await streamings.stop_all("shutdown")
+        await publisher.wait_drained()
+    if deadline.cancelled_caught:
+        log.warning(
+            "drain overran %s s: %d session(s) and %d event(s) left",
+            config.drain_timeout,
+            len(supervisor),
+            publisher.pending,
+        )

@@ -1,0 +1,274 @@
+"""The ``/v1/streamings`` routes: voipbin's streaming sessions on top of the session supervisor.
+
+Replies and status codes follow the Go tts-manager (see shared/reference/voipbin-wire.md §4.2), minus
+its bugs: a failed create is rolled back and reported (``streaming_deleted``); every streaming that was
+created gets exactly one ``streaming_deleted`` whatever ended it; ``message_play_started`` is sent at the
+first frame; each say_init starts a new message; say_stop completes before the next command runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import attrs
+import trio
+
+from tts_streamer.actors import events as ev
+from tts_streamer.actors.commands import CommandError, SayAdd, SayFinish, SayFlush, SayInit
+from tts_streamer.actors.session import Session, SessionStartError
+from tts_streamer.adapters.voice import VoiceSpec
+from tts_streamer.adapters.voipbin import envelope, models
+from tts_streamer.adapters.voipbin.envelope import EventType, Response
+from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
+from tts_streamer.supervisor.call_manager import CallManager, CallManagerError, stop_external_media_quietly
+from tts_streamer.supervisor.event_publisher import EventPublisher
+from tts_streamer.supervisor.sessions import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def bad_request(reason: str, status_code: int = 500) -> Response:
+    """Go answers undecodable streaming bodies with 500; we keep the code and add a reason."""
+    return envelope.typed_error("INVALID_ARGUMENT", "INVALID_REQUEST", reason, status_code=status_code)
+
+
+def command_failed(error: CommandError) -> Response:
+    return envelope.typed_error("INTERNAL", error.kind.upper(), str(error), status_code=500)
+
+
+@attrs.define
+class StreamingState:
+    model: models.Streaming
+    session: Session | None = None
+    open_messages: dict[str, models.Message] = attrs.field(factory=dict)
+    deleting: bool = False
+
+
+class StreamingService:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        call_manager: CallManager,
+        publisher: EventPublisher,
+        nursery: trio.Nursery,
+        *,
+        pod_id: str,
+        create_timeout: float = 2.5,
+        max_text_bytes: int = 5000,
+    ) -> None:
+        self.streamings: dict[uuid.UUID, StreamingState] = {}
+        self._supervisor = supervisor
+        self._call_manager = call_manager
+        self._publisher = publisher
+        self._nursery = nursery
+        self._pod_id = pod_id
+        self._create_timeout = create_timeout
+        self._max_text_bytes = max_text_bytes
+
+    def owns(self, streaming_id: uuid.UUID) -> bool:
+        return streaming_id in self.streamings
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    async def create(self, data: Any) -> Response:
+        try:
+            request = models.StreamingCreate.from_data(data)
+        except WireError as exc:
+            return bad_request(exc.reason)
+        streaming_id = uuid.uuid4()
+        model = models.Streaming(
+            id=streaming_id,
+            customer_id=request.customer_id,
+            pod_id=self._pod_id,
+            activeflow_id=request.activeflow_id,
+            reference_type=request.reference_type,
+            reference_id=request.reference_id,
+            language=request.language,
+            gender=request.gender,
+            direction=request.direction,
+            message_id=NIL_UUID,
+        )
+        state = StreamingState(model)
+        self.streamings[streaming_id] = state
+        self._event(EventType.STREAMING_CREATED, model)
+        media_created = False
+        failure: Response = envelope.plain_error(500)
+        with trio.move_on_after(self._create_timeout) as budget:
+            try:
+                media = await self._call_manager.create_external_media(
+                    models.ExternalMediaCreate(
+                        id=streaming_id,
+                        reference_type=request.reference_type,
+                        reference_id=request.reference_id,
+                        external_host=models.EXTERNAL_HOST_INCOMING,
+                        encapsulation=models.ENCAPSULATION_NONE,
+                        transport=models.TRANSPORT_WEBSOCKET,
+                        connection_type=models.CONNECTION_TYPE_SERVER,
+                        # We always send 8 kHz mu-law, whatever the vendor (Go asked slin16 for ElevenLabs).
+                        format="ulaw",
+                        direction_speak=request.direction,
+                    ),
+                )
+                media_created = True
+                voice = VoiceSpec(language=request.language or "en-US", gender=request.gender)
+                state.session = await self._supervisor.start_session(
+                    str(streaming_id), media.media_uri, voice=voice
+                )
+                return envelope.ok(model.to_data())
+            except CallManagerError as exc:
+                log.warning("streaming=%s create failed at call-manager: %s", streaming_id, exc)
+                failure = exc.response
+            except (SessionStartError, CommandError) as exc:
+                log.warning("streaming=%s create failed at the media socket: %s", streaming_id, exc)
+        if budget.cancelled_caught:
+            log.warning("streaming=%s create overran %s s: rolled back", streaming_id, self._create_timeout)
+        # Roll back whatever was done: no orphaned external media, nothing left in memory.
+        if media_created:
+            await stop_external_media_quietly(self._call_manager, streaming_id)
+        if state.session is None:
+            self._end(streaming_id)
+        return failure
+
+    async def get(self, streaming_id: uuid.UUID) -> Response:
+        state = self.streamings.get(streaming_id)
+        return envelope.streaming_not_found() if state is None else envelope.ok(state.model.to_data())
+
+    async def delete(self, streaming_id: uuid.UUID) -> Response | None:
+        """Stop a local streaming; None when this pod does not own it (the caller forwards)."""
+        state = self.streamings.get(streaming_id)
+        if state is None:
+            return None
+        model = state.model
+        await self._stop(state, "deleted")
+        return envelope.ok(model.to_data())
+
+    async def say_init(self, streaming_id: uuid.UUID, data: Any) -> Response:
+        state = self.streamings.get(streaming_id)
+        if state is None or state.session is None:
+            return envelope.plain_error(500)
+        try:
+            request = models.SayInit.from_data(data)
+        except WireError as exc:
+            return bad_request(exc.reason)
+        try:
+            await state.session.call(SayInit(str(request.message_id)))
+        except CommandError as exc:
+            return command_failed(exc)
+        state.model = attrs.evolve(state.model, message_id=request.message_id)
+        return envelope.ok(state.model.to_data())
+
+    async def say_add(self, streaming_id: uuid.UUID, data: Any) -> Response:
+        state = self.streamings.get(streaming_id)
+        if state is None or state.session is None:
+            return envelope.streaming_not_found()
+        try:
+            request = models.SayAdd.from_data(data, max_text_bytes=self._max_text_bytes)
+        except WireError as exc:
+            return bad_request(exc.reason)
+        if request.message_id != state.model.message_id:
+            return envelope.typed_error(
+                "INTERNAL", "MESSAGE_ID_MISMATCH", "message ID mismatch", status_code=500
+            )
+        try:
+            await state.session.call(SayAdd(request.text))
+        except CommandError as exc:
+            return command_failed(exc)
+        return envelope.ok()
+
+    async def say_stop(self, streaming_id: uuid.UUID) -> Response:
+        state = self.streamings.get(streaming_id)
+        if state is None or state.session is None:
+            return envelope.plain_error(500)
+        try:
+            await state.session.call(SayFlush(end_message=True))
+        except CommandError as exc:
+            return command_failed(exc)
+        state.model = attrs.evolve(state.model, message_id=NIL_UUID)
+        return envelope.ok()
+
+    async def say_finish(self, streaming_id: uuid.UUID, data: Any) -> Response:
+        state = self.streamings.get(streaming_id)
+        if state is None or state.session is None:
+            return envelope.streaming_not_found()
+        try:
+            request = models.SayFinish.from_data(data)
+        except WireError as exc:
+            return bad_request(exc.reason)
+        if request.message_id != state.model.message_id:
+            return envelope.typed_error(
+                "INTERNAL", "MESSAGE_ID_MISMATCH", "message ID mismatch", status_code=500
+            )
+        try:
+            await state.session.call(SayFinish())
+        except CommandError as exc:
+            return command_failed(exc)
+        return envelope.ok(state.model.to_data())
+
+    async def say_flush(self, streaming_id: uuid.UUID) -> Response:
+        """Extension: barge-in that keeps the current message (say_add may continue it)."""
+        state = self.streamings.get(streaming_id)
+        if state is None or state.session is None:
+            return envelope.streaming_not_found()
+        try:
+            await state.session.call(SayFlush())
+        except CommandError as exc:
+            return command_failed(exc)
+        return envelope.ok(state.model.to_data())
+
+    async def stop_all(self, reason: str) -> None:
+        """Shutdown: stop every streaming through the normal path (external media, socket, events)."""
+        async with trio.open_nursery() as nursery:
+            for state in list(self.streamings.values()):
+                nursery.start_soon(self._stop, state, reason)
+
+    async def _stop(self, state: StreamingState, reason: str) -> None:
+        state.deleting = True
+        await stop_external_media_quietly(self._call_manager, state.model.id)
+        if state.session is not None:
+            await state.session.stop(reason)
+
+    # -- session events -> voipbin events ------------------------------------------------------------
+
+    def on_session_event(self, event: ev.SessionEvent) -> None:
+        try:
+            streaming_id = uuid.UUID(event.call_id)
+        except ValueError:
+            return  # a session this service did not create (e.g. from the console)
+        state = self.streamings.get(streaming_id)
+        if state is None:
+            return
+        if isinstance(event, ev.Initiated):
+            message = models.Message(
+                id=uuid.UUID(event.message_id), customer_id=state.model.customer_id, streaming_id=streaming_id
+            )
+            state.open_messages[event.message_id] = message
+            self._event(EventType.MESSAGE_INITIATED, message)
+        elif isinstance(event, ev.PlayStarted) and event.message_id in state.open_messages:
+            self._event(EventType.MESSAGE_PLAY_STARTED, state.open_messages[event.message_id])
+        elif isinstance(event, ev.PlayFinished) and event.message_id in state.open_messages:
+            message = state.open_messages.pop(event.message_id)
+            finished = attrs.evolve(
+                message,
+                total_message=event.text,
+                total_count=event.texts_added,
+                message_finish=event.completed,
+            )
+            self._event(EventType.MESSAGE_PLAY_FINISHED, finished)
+        elif isinstance(event, ev.Stopped):
+            for message in state.open_messages.values():
+                self._event(EventType.MESSAGE_PLAY_FINISHED, message)
+            state.open_messages.clear()
+            if not state.deleting:
+                # Hang-up or media failure: the leg is gone; tell call-manager so it forgets it too.
+                self._nursery.start_soon(stop_external_media_quietly, self._call_manager, streaming_id)
+            self._end(streaming_id)
+
+    def _end(self, streaming_id: uuid.UUID) -> None:
+        state = self.streamings.pop(streaming_id, None)
+        if state is not None:
+            self._event(EventType.STREAMING_DELETED, state.model)
+
+    def _event(self, event_type: EventType, model: models.WireModel) -> None:
+        self._publisher.publish(envelope.make_event(event_type, model.to_data()))

@@ -1,0 +1,118 @@
+"""An AMQP test rig: real broker, Asterisk simulator on loopback, fake call-manager, daemon(s), a caller."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import aio_pika
+import attrs
+import trio
+import trio_asyncio  # type: ignore[import-untyped]
+
+from tests.services import RABBITMQ_URL
+from tts_streamer.adapters.synthetic import SyntheticEngine
+from tts_streamer.adapters.voipbin.envelope import Response
+from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
+from tts_streamer.fakes.call_manager import FakeCallManager, open_fake_call_manager
+from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
+from tts_streamer.supervisor.call_manager import CALL_MANAGER_QUEUE
+from tts_streamer.supervisor.config import DaemonConfig
+from tts_streamer.supervisor.daemon import DaemonHandle, run_daemon
+
+
+async def purge_queues(*names: str) -> None:
+    """Leftovers of an earlier run must not reach this one."""
+    async with trio_asyncio.open_loop():
+        connection = await trio_asyncio.aio_as_trio(aio_pika.connect)(RABBITMQ_URL)
+        try:
+            channel = await trio_asyncio.aio_as_trio(connection.channel)()
+            for name in names:
+                queue = await trio_asyncio.aio_as_trio(channel.declare_queue)(name, durable=True)
+                await trio_asyncio.aio_as_trio(queue.purge)()
+        finally:
+            await trio_asyncio.aio_as_trio(connection.close)()
+
+
+@attrs.define
+class Rig:
+    sim: AsteriskSimulator
+    call_manager: FakeCallManager
+    caller: VoipbinCaller
+    daemons: list[DaemonHandle]
+    engine: SyntheticEngine
+
+    @property
+    def daemon(self) -> DaemonHandle:
+        return self.daemons[0]
+
+    def pod_queue(self, index: int = 0) -> str:
+        return self.daemons[index].config.pod_queue
+
+    async def create(self, data: dict[str, Any] | None = None) -> Response:
+        body = data or {
+            "customer_id": str(uuid.uuid4()),
+            "reference_type": "call",
+            "reference_id": str(uuid.uuid4()),
+            "language": "en-US",
+            "gender": "female",
+            "direction": "out",
+        }
+        response = await self.caller.call(SHARED_QUEUE, "/v1/streamings", "POST", body)
+        assert response is not None, "no reply to create"
+        return response
+
+    async def streaming(self, sid: str, action: str, data: Any = None, *, pod: int = 0) -> Response:
+        response = await self.caller.call(self.pod_queue(pod), f"/v1/streamings/{sid}/{action}", "POST", data)
+        assert response is not None, f"no reply to {action}"
+        return response
+
+    def sim_call_for(self, sid: str) -> Any:
+        return self.sim.calls[self.call_manager.created[uuid.UUID(sid)]]
+
+
+@asynccontextmanager
+async def open_rig(
+    *, pods: int = 1, engine: SyntheticEngine | None = None, **config: Any
+) -> AsyncIterator[Rig]:
+    await purge_queues(SHARED_QUEUE, CALL_MANAGER_QUEUE)
+    engine = engine or SyntheticEngine(seconds_per_char=0.05, speed=4.0)
+    sim = AsteriskSimulator(seed=1)
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
+        call_manager = await stack.enter_async_context(
+            open_fake_call_manager(RABBITMQ_URL, sim, "127.0.0.1", port)
+        )
+        caller = await stack.enter_async_context(open_voipbin_caller(RABBITMQ_URL))
+        daemons = []
+        finished: list[trio.Event] = []
+
+        async def run_one(config: DaemonConfig, done: trio.Event, *, task_status: Any) -> None:
+            try:
+                await run_daemon(
+                    config, engines={engine.name: engine}, handle_signals=False, task_status=task_status
+                )
+            finally:
+                done.set()
+
+        for index in range(pods):
+            daemon_config = DaemonConfig(
+                rabbitmq_address=RABBITMQ_URL,
+                pod_id=f"test-pod-{index}-{uuid.uuid4().hex[:6]}",
+                default_engine=engine.name,
+                drain_timeout=5.0,
+                **config,
+            )
+            finished.append(trio.Event())
+            daemons.append(await nursery.start(run_one, daemon_config, finished[-1]))
+        try:
+            yield Rig(sim, call_manager, caller, daemons, engine)
+        finally:
+            for handle in daemons:
+                handle.shutdown()
+            with trio.move_on_after(10):
+                for done in finished:
+                    await done.wait()
+            nursery.cancel_scope.cancel()
