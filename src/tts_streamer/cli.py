@@ -15,6 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    sub.add_parser("serve", help="run the daemon (configuration from environment variables, see docs/)")
+
     demo = sub.add_parser("demo", help="speak two sentences into a simulated Asterisk, flushing the first")
     demo.add_argument("--wav", default="demo.wav", help="where to write what the simulated caller heard")
     demo.add_argument("--engine", choices=["espeak", "synthetic"], default="espeak")
@@ -26,6 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8088)
     return parser
+
+
+def _serve() -> int:
+    import os
+
+    from tts_streamer.supervisor.config import ConfigError, DaemonConfig
+    from tts_streamer.supervisor.daemon import run_daemon
+
+    try:
+        config = DaemonConfig.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    trio.run(run_daemon, config)
+    return 0
 
 
 async def _simulate(host: str, port: int) -> None:
@@ -44,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "serve":
+        return _serve()
     if args.command == "demo":
         from tts_streamer.demo import DemoOptions, run_demo
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -25,7 +26,6 @@ from tts_streamer.adapters.voipbin.envelope import Request, Response
 from tts_streamer.adapters.voipbin.routes import RouteMatch, RouteName, match_route
 from tts_streamer.adapters.voipbin.wire import WireError
 from tts_streamer.supervisor.amqp_bridge import AmqpBridge, AmqpUnavailable, Delivery
-from tts_streamer.supervisor.streamings import StreamingService
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,31 @@ FORWARDED_HEADER = "x-tts-streamer-forwarded-by"
 LANE_CAPACITY = 256
 
 _Work = tuple[Delivery, Request, RouteMatch]
+
+
+class NotOwned(Exception):
+    """Raised by a handler when another pod owns the resource: the plane forwards the request."""
+
+
+@attrs.frozen
+class RouteCall:
+    """What a route handler gets: the parsed request, its route match and where it came from."""
+
+    request: Request
+    match: RouteMatch
+    delivery: Delivery
+
+    @property
+    def id(self) -> uuid.UUID:
+        assert self.match.id is not None, "route has no id"
+        return self.match.id
+
+    @property
+    def data(self) -> Any:
+        return self.request.data
+
+
+Handler = Callable[[RouteCall], Awaitable[Response | None]]
 
 
 @attrs.define
@@ -50,14 +75,14 @@ class CommandPlane:
     def __init__(
         self,
         bridge: AmqpBridge,
-        streamings: StreamingService,
+        routes: Mapping[RouteName, Handler],
         *,
         pod_id: str,
         forward_timeout: float = 1.0,
     ) -> None:
         self.stats = PlaneStats()
         self._bridge = bridge
-        self._streamings = streamings
+        self._routes = dict(routes)
         self._pod_id = pod_id
         self._forward_timeout = forward_timeout
         self._lanes: dict[uuid.UUID, trio.MemorySendChannel[_Work]] = {}
@@ -133,34 +158,19 @@ class CommandPlane:
             await self._reply(delivery, response)
 
     async def _route(self, delivery: Delivery, request: Request, match: RouteMatch) -> Response | None:
-        service, data, sid = self._streamings, request.data, match.id
-        name = match.name
-        if name is RouteName.STREAMING_CREATE:
-            return await service.create(data)
-        assert sid is not None
-        if name is RouteName.STREAMING_DELETE:
-            deleted = await service.delete(sid)
-            if deleted is not None:
-                return deleted
-            if FORWARDED_HEADER in delivery.headers:
-                return None  # not ours; the forwarding pod answers the caller
-            return await self._forward(delivery, request, sid)
-        handlers: dict[RouteName, Any] = {
-            RouteName.STREAMING_SAY_INIT: lambda: service.say_init(sid, data),
-            RouteName.STREAMING_SAY_ADD: lambda: service.say_add(sid, data),
-            RouteName.STREAMING_SAY_STOP: lambda: service.say_stop(sid),
-            RouteName.STREAMING_SAY_FINISH: lambda: service.say_finish(sid, data),
-            RouteName.STREAMING_SAY_FLUSH: lambda: service.say_flush(sid),
-            RouteName.STREAMING_GET: lambda: service.get(sid),
-        }
-        handler = handlers.get(name)
+        handler = self._routes.get(match.name)
         if handler is None:
             self.stats.errors["not_served"] += 1
-            return envelope.plain_error(404)  # speakings and speeches: not served by this daemon yet
-        response: Response = await handler()
-        return response
+            return envelope.plain_error(404)
+        try:
+            return await handler(RouteCall(request, match, delivery))
+        except NotOwned:
+            if FORWARDED_HEADER in delivery.headers:
+                return None  # not ours either; the forwarding pod answers the caller
+            assert match.id is not None
+            return await self._forward(request, match.id)
 
-    async def _forward(self, delivery: Delivery, request: Request, streaming_id: uuid.UUID) -> Response:
+    async def _forward(self, request: Request, streaming_id: uuid.UUID) -> Response:
         """Ask the pod that owns ``streaming_id`` to handle ``request``; relay its answer."""
         self.stats.forwarded += 1
         with trio.move_on_after(self._forward_timeout):

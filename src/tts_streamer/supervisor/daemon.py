@@ -145,7 +145,7 @@ async def run_daemon(
                     bus.add_listener(streamings.on_session_event)
                     plane = CommandPlane(
                         bridge,
-                        streamings,
+                        streamings.routes(),
                         pod_id=config.pod_id,
                         forward_timeout=config.delete_forward_timeout,
                     )

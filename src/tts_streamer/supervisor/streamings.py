@@ -21,8 +21,10 @@ from tts_streamer.actors.session import Session, SessionStartError
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.adapters.voipbin import envelope, models
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
+from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
 from tts_streamer.supervisor.call_manager import CallManager, CallManagerError, stop_external_media_quietly
+from tts_streamer.supervisor.command_plane import Handler, NotOwned, RouteCall
 from tts_streamer.supervisor.event_publisher import EventPublisher
 from tts_streamer.supervisor.sessions import Supervisor
 
@@ -69,6 +71,24 @@ class StreamingService:
 
     def owns(self, streaming_id: uuid.UUID) -> bool:
         return streaming_id in self.streamings
+
+    def routes(self) -> dict[RouteName, Handler]:
+        async def delete(call: RouteCall) -> Response:
+            response = await self.delete(call.id)
+            if response is None:
+                raise NotOwned
+            return response
+
+        return {
+            RouteName.STREAMING_CREATE: lambda call: self.create(call.data),
+            RouteName.STREAMING_DELETE: delete,
+            RouteName.STREAMING_SAY_INIT: lambda call: self.say_init(call.id, call.data),
+            RouteName.STREAMING_SAY_ADD: lambda call: self.say_add(call.id, call.data),
+            RouteName.STREAMING_SAY_STOP: lambda call: self.say_stop(call.id),
+            RouteName.STREAMING_SAY_FINISH: lambda call: self.say_finish(call.id, call.data),
+            RouteName.STREAMING_SAY_FLUSH: lambda call: self.say_flush(call.id),
+            RouteName.STREAMING_GET: lambda call: self.get(call.id),
+        }
 
     # -- routes ------------------------------------------------------------------------------------
 
