@@ -1,0 +1,320 @@
+"""Health and metrics over HTTP: ``/health/live``, ``/health/ready`` and ``/metrics`` (default port 9090).
+
+The server is h11 (the sans-IO HTTP/1.1 state machine) driven by Trio streams, with a tiny route table
+of async handlers, so other endpoints (file serving, say) can be added as routes. Each connection is
+bounded in time at every step: waiting for a request (keep-alive idle), receiving one, running the
+handler, and every write; a request body is bounded in size. HEAD is answered for every GET route.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+import urllib.parse
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+
+import attrs
+import h11
+import trio
+
+from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.serving import serve_stream_listeners
+from tts_streamer.supervisor.sessions import Supervisor
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = b"tts-streamer"
+_RECEIVE_BYTES = 65536
+
+
+# -- readiness ----------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Readiness:
+    """What decides ``/health/ready``; the daemon flips these as its command plane and lifecycle move."""
+
+    command_plane_connected: bool = False
+    draining: bool = False
+
+    def reasons(self, supervisor: Supervisor | None = None) -> list[str]:
+        """Why the daemon is not ready (empty when it is); stable codes for probes and dashboards."""
+        reasons: list[str] = []
+        if not self.command_plane_connected:
+            reasons.append("command_plane_disconnected")
+        if self.draining:
+            reasons.append("draining")
+        if supervisor is not None and not supervisor.accepting:
+            reasons.append("not_accepting_sessions")
+        return reasons
+
+    def ready(self, supervisor: Supervisor | None = None) -> bool:
+        return not self.reasons(supervisor)
+
+
+# -- a small HTTP/1.1 server on h11 -------------------------------------------------------------------
+
+
+@attrs.frozen
+class HttpRequest:
+    method: str
+    path: str  # percent-decoded, without the query
+    query: str
+    headers: tuple[tuple[str, str], ...]  # names lower-cased
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((value for key, value in self.headers if key == name), None)
+
+
+@attrs.frozen
+class HttpResponse:
+    """A response; ``body`` may be an async iterable (streamed, chunked unless Content-Length is given)."""
+
+    status: int
+    body: bytes | AsyncIterable[bytes] = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def text(cls, status: int, text: str) -> HttpResponse:
+        return cls(status, (text + "\n").encode())
+
+    @classmethod
+    def json(cls, status: int, value: object) -> HttpResponse:
+        return cls(status, json.dumps(value).encode() + b"\n", "application/json")
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+@attrs.frozen
+class HttpTimeouts:
+    idle: float = 30.0  # waiting for the next request on a kept-alive connection
+    request: float = 10.0  # from a request's first byte to its end
+    handler: float = 5.0  # producing the response
+    write: float = 10.0  # each write to the client
+
+
+class _Close(Exception):
+    """End this connection (the client went away, timed out, or broke the protocol)."""
+
+
+class HttpServer:
+    """Routes are ``{(method, path): handler}``; HEAD uses the GET handler without sending the body."""
+
+    def __init__(
+        self,
+        routes: Mapping[tuple[str, str], Handler],
+        *,
+        timeouts: HttpTimeouts = HttpTimeouts(),
+        max_body_bytes: int = 65536,
+        max_connections: int = 64,
+    ) -> None:
+        self.routes = dict(routes)
+        self.timeouts = timeouts
+        self.max_body_bytes = max_body_bytes
+        self.max_connections = max_connections
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await serve_stream_listeners(
+            listeners, self.handle_connection, name="http", max_connections=self.max_connections
+        )
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve requests on one connection until it closes, idles out or misbehaves; then close it."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        try:
+            while True:
+                request = await self._receive_request(conn, stream)
+                if request is None:
+                    return
+                response = await self._respond_to(request)
+                await self._send_response(conn, stream, request, response)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # Connection: close, HTTP/1.0, or a body we did not read
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._send_error(conn, stream, exc.error_status_hint, str(exc))
+        except h11.LocalProtocolError:
+            # A handler's response broke HTTP (e.g. a body on a 304): nothing sane can follow on it.
+            log.exception("http: invalid response; closing the connection")
+        except _Close:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _receive_request(self, conn: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
+        """The next complete request, or None when the client closed or idled out between requests."""
+        # Bytes of a pipelined request may already be buffered: then the request has begun.
+        begun = bool(conn.trailing_data[0])
+        deadline = trio.current_time() + (self.timeouts.request if begun else self.timeouts.idle)
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await self._receive(stream, deadline, idle=not begun)
+                if data and not begun:
+                    # The request has begun: from here it gets the request timeout, not the idle one.
+                    begun = True
+                    deadline = trio.current_time() + self.timeouts.request
+                conn.receive_data(bytes(data))
+            elif isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.max_body_bytes:
+                    await self._send_error(conn, stream, 413, "request body too large")
+                    return None
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return _to_request(head, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+            else:  # pragma: no cover - h11 has no other server-side events
+                return None
+
+    async def _receive(self, stream: trio.abc.Stream, deadline: float, *, idle: bool) -> bytes | bytearray:
+        with trio.move_on_at(deadline):
+            try:
+                return await stream.receive_some(_RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _Close from None
+        if idle:
+            raise _Close  # a kept-alive connection with nothing to say: just close it
+        raise h11.RemoteProtocolError("request timed out", error_status_hint=408)
+
+    async def _respond_to(self, request: HttpRequest) -> HttpResponse:
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self.routes.get((method, request.path))
+        if handler is None:
+            if any(path == request.path for _method, path in self.routes):
+                allowed = sorted({m for m, p in self.routes if p == request.path} | {"HEAD"})
+                return HttpResponse(405, b"method not allowed\n", headers=(("allow", ", ".join(allowed)),))
+            return HttpResponse.text(404, "not found")
+        try:
+            with trio.fail_after(self.timeouts.handler):
+                return await handler(request)
+        except trio.TooSlowError:
+            log.warning(
+                "http: %s %s took longer than %.1f s", request.method, request.path, self.timeouts.handler
+            )
+            return HttpResponse.text(503, "handler timed out")
+        except Exception:
+            log.exception("http: %s %s failed", request.method, request.path)
+            return HttpResponse.text(500, "internal error")
+
+    async def _send_response(
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: HttpRequest, response: HttpResponse
+    ) -> None:
+        headers = [("server", SERVER_NAME.decode()), ("content-type", response.content_type)]
+        headers += response.headers
+        if isinstance(response.body, bytes):
+            headers.append(("content-length", str(len(response.body))))
+        await self._send(conn, stream, _response_head(response.status, headers))
+        if request.method != "HEAD":
+            if isinstance(response.body, bytes):
+                if response.body:
+                    await self._send(conn, stream, h11.Data(data=response.body))
+            else:
+                async for chunk in response.body:
+                    if chunk:
+                        await self._send(conn, stream, h11.Data(data=chunk))
+        await self._send(conn, stream, h11.EndOfMessage())
+
+    async def _send_error(
+        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, text: str
+    ) -> None:
+        body = (text + "\n").encode()
+        headers = [
+            ("server", SERVER_NAME.decode()),
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
+        try:
+            await self._send(conn, stream, _response_head(status, headers))
+            await self._send(conn, stream, h11.Data(data=body))
+            await self._send(conn, stream, h11.EndOfMessage())
+        except (_Close, h11.LocalProtocolError):
+            pass
+
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: h11.Event) -> None:
+        data = conn.send(event)
+        if not data:
+            return
+        with trio.move_on_after(self.timeouts.write):
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _Close from None
+            return
+        raise _Close  # a client that does not read its response is not waited for
+
+
+def _response_head(status: int, headers: list[tuple[str, str]]) -> h11.Response:
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    return h11.Response(status_code=status, headers=headers, reason=reason)
+
+
+def _to_request(head: h11.Request, body: bytes) -> HttpRequest:
+    target = head.target.decode("ascii", "replace")
+    path, _, query = target.partition("?")
+    return HttpRequest(
+        method=head.method.decode("ascii", "replace"),
+        path=urllib.parse.unquote(path),
+        query=query,
+        headers=tuple(
+            (name.decode("ascii", "replace"), value.decode("latin-1")) for name, value in head.headers
+        ),
+        body=body,
+    )
+
+
+# -- the daemon's endpoints -----------------------------------------------------------------------------
+
+
+def health_routes(
+    supervisor: Supervisor, readiness: Readiness, metrics: Metrics
+) -> dict[tuple[str, str], Handler]:
+    async def live(_request: HttpRequest) -> HttpResponse:
+        # Answering at all is the proof: this runs on the same Trio loop as every session.
+        return HttpResponse.text(200, "ok")
+
+    async def ready(_request: HttpRequest) -> HttpResponse:
+        reasons = readiness.reasons(supervisor)
+        if reasons:
+            return HttpResponse.json(503, {"ready": False, "reasons": reasons})
+        return HttpResponse.json(200, {"ready": True, "reasons": []})
+
+    async def scrape(_request: HttpRequest) -> HttpResponse:
+        body, content_type = metrics.render()
+        return HttpResponse(200, body, content_type)
+
+    return {("GET", "/health/live"): live, ("GET", "/health/ready"): ready, ("GET", "/metrics"): scrape}
+
+
+async def serve_http(
+    supervisor: Supervisor,
+    readiness: Readiness,
+    metrics: Metrics,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 9090,
+    timeouts: HttpTimeouts = HttpTimeouts(),
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the health and metrics endpoints until cancelled; ``nursery.start`` returns the bound port."""
+    server = HttpServer(health_routes(supervisor, readiness, metrics), timeouts=timeouts)
+    await server.serve(host, port, task_status=task_status)
