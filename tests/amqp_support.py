@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -10,7 +12,7 @@ from typing import Any
 import aio_pika
 import attrs
 import trio
-import trio_asyncio  # type: ignore[import-untyped]
+import trio_asyncio
 
 from tests.services import RABBITMQ_URL
 from tts_streamer.adapters.synthetic import SyntheticEngine
@@ -98,12 +100,16 @@ async def open_rig(
                 done.set()
 
         for index in range(pods):
+            pod_id = f"test-pod-{index}-{uuid.uuid4().hex[:6]}"
+            options: dict[str, Any] = {
+                "drain_timeout": 5.0,
+                "http_host": "127.0.0.1",
+                "http_port": 0,
+                "admin_socket": os.path.join(tempfile.gettempdir(), f"tts-streamer-test-{pod_id}.sock"),
+            }
+            options.update(config)
             daemon_config = DaemonConfig(
-                rabbitmq_address=RABBITMQ_URL,
-                pod_id=f"test-pod-{index}-{uuid.uuid4().hex[:6]}",
-                default_engine=engine.name,
-                drain_timeout=5.0,
-                **config,
+                rabbitmq_address=RABBITMQ_URL, pod_id=pod_id, default_engine=engine.name, **options
             )
             finished.append(trio.Event())
             daemons.append(await nursery.start(run_one, daemon_config, finished[-1]))

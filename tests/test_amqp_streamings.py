@@ -206,3 +206,41 @@ async def test_hangup_ends_the_streaming_with_events_once() -> None:
             after = await rig.streaming(sid, "say_add", {"message_id": message_id, "text": "late"})
             assert after.status_code == 404
     assert len(rig.caller.of(EventType.STREAMING_DELETED)) == 1
+
+
+async def test_running_daemon_reports_health_and_metrics_of_amqp_commands() -> None:
+    import urllib.error
+    import urllib.request
+
+    def get(port: int, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    engine = SyntheticEngine(seconds_per_char=0.1, speed=1.5)
+    # Polling HTTP from outside the daemon: there is no Trio event to wait on (hence the noqa below).
+    with trio.fail_after(20):
+        async with open_rig(engine=engine) as rig:
+            port = rig.daemon.http_port
+            with trio.fail_after(3):
+                while (await trio.to_thread.run_sync(get, port, "/health/ready"))[0] != 200:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            assert (await trio.to_thread.run_sync(get, port, "/health/live"))[0] == 200
+            sid = (await rig.create()).data["id"]
+            message_id = str(uuid.uuid4())
+            await rig.streaming(sid, "say_init", {"message_id": message_id})
+            await rig.streaming(sid, "say_add", {"message_id": message_id, "text": "x" * 30})
+            await rig.caller.wait_event(EventType.MESSAGE_PLAY_STARTED, by_streaming(sid))
+            await rig.streaming(sid, "say_stop")
+            await rig.streaming(sid, "say_add", {"message_id": message_id, "text": "refused"})
+            status, text = await trio.to_thread.run_sync(get, port, "/metrics")
+            assert status == 200
+            assert "tts_streamer_flush_to_silence_seconds_count 1.0" in text
+            assert 'tts_streamer_command_errors_total{kind="message_id_mismatch"} 1.0' in text
+            assert "tts_streamer_active_sessions 1.0" in text
+            rig.daemon.shutdown()
+            with trio.fail_after(5):
+                while (await trio.to_thread.run_sync(get, port, "/health/ready"))[0] != 503:  # noqa: ASYNC110
+                    await trio.sleep(0.05)

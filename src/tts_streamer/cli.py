@@ -16,6 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", help="run the daemon (configuration from environment variables, see docs/)")
+    console = sub.add_parser(
+        "console", help="the admin console of a running daemon (help lists its commands)"
+    )
+    console.add_argument("console_args", nargs=argparse.REMAINDER, help="--socket/--host/--port/--json ...")
 
     demo = sub.add_parser("demo", help="speak two sentences into a simulated Asterisk, flushing the first")
     demo.add_argument("--wav", default="demo.wav", help="where to write what the simulated caller heard")
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "serve":
         return _serve()
+    if args.command == "console":
+        from tts_streamer.supervisor.console_client import run_console_client
+
+        return run_console_client(list(args.console_args))
     if args.command == "demo":
         from tts_streamer.demo import DemoOptions, run_demo
 

@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 import attrs
 import trio
-import trio_asyncio  # type: ignore[import-untyped]
+import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tts_streamer.adapters.voipbin import envelope

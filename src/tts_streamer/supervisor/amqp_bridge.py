@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import aio_pika
 import attrs
 import trio
-import trio_asyncio  # type: ignore[import-untyped]
+import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 log = logging.getLogger(__name__)

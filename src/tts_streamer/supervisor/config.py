@@ -39,7 +39,7 @@ class DaemonConfig:
     lead_frames: int = 3
     frames_per_message: int = 1
     media_start_timeout: float = 5.0
-    admin_socket: str = "/tmp/tts-streamer.sock"
+    admin_socket: str = ""  # empty: $XDG_RUNTIME_DIR/tts-streamer/console.sock or a per-user temp dir
     admin_host: str = ""
     admin_port: int = 0
     admin_token: str = ""

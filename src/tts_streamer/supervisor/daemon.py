@@ -9,7 +9,8 @@ the event buffer to reach the broker, then return, all within ``drain_timeout``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import attrs
 import trio
@@ -28,8 +29,11 @@ from tts_streamer.supervisor.amqp_bridge import (
 from tts_streamer.supervisor.call_manager import CallManager
 from tts_streamer.supervisor.command_plane import CONTROL_EXCHANGE, CommandPlane
 from tts_streamer.supervisor.config import DaemonConfig
+from tts_streamer.supervisor.console import default_console_path, serve_console
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
+from tts_streamer.supervisor.health import Readiness, serve_http
+from tts_streamer.supervisor.metrics import Metrics
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
 from tts_streamer.supervisor.streamings import StreamingService
@@ -88,6 +92,10 @@ class DaemonHandle:
     plane: CommandPlane
     publisher: EventPublisher
     shutdown_requested: trio.Event
+    metrics: Metrics | None = None
+    readiness: Readiness | None = None
+    http_port: int = 0
+    console_address: object = None
 
     def shutdown(self) -> None:
         self.shutdown_requested.set()
@@ -116,6 +124,8 @@ async def run_daemon(
         pacing=PacingConfig(lead_frames=config.lead_frames, frames_per_message=config.frames_per_message),
         max_text_bytes=config.max_text_bytes,
     )
+    metrics = Metrics()
+    readiness = Readiness()
     async with trio.open_nursery() as root:
         if handle_signals:
             await root.start(serve_shutdown_signals, shutdown)
@@ -127,38 +137,103 @@ async def run_daemon(
             config=session_config,
             stop_grace=config.drain_timeout,
         ) as supervisor:
-            log.info("pod %s connecting to the broker", config.pod_id)
-            async with open_amqp_bridge(
-                config.rabbitmq_address, topology(config), broker_timeout=config.amqp_timeout
-            ) as bridge:
-                root.start_soon(publisher.serve, bridge, name="event-publisher")
-                async with trio.open_nursery() as services:
-                    streamings = StreamingService(
-                        supervisor,
-                        CallManager(bridge, config.call_manager_timeout),
-                        publisher,
-                        services,
-                        pod_id=config.pod_id,
-                        create_timeout=config.create_timeout,
-                        max_text_bytes=config.max_text_bytes,
-                    )
-                    bus.add_listener(streamings.on_session_event)
-                    plane = CommandPlane(
-                        bridge,
-                        streamings.routes(),
-                        pod_id=config.pod_id,
-                        forward_timeout=config.delete_forward_timeout,
-                    )
-                    await services.start(plane.serve)
-                    log.info("pod %s serving %s and %s", config.pod_id, config.shared_queue, config.pod_queue)
-                    task_status.started(
-                        DaemonHandle(config, supervisor, bus, bridge, streamings, plane, publisher, shutdown)
-                    )
+            metrics.attach(bus, supervisor)
+            # Health and the console come up first: liveness answers (and readiness says why not)
+            # while the broker is still unreachable.
+            http_port = await root.start(
+                partial(
+                    serve_http, supervisor, readiness, metrics, host=config.http_host, port=config.http_port
+                )
+            )
+            console_address = await root.start(_console(config, supervisor, bus, metrics))
+            with trio.CancelScope() as lifetime:
+                connected = False
+
+                async def abort_connecting() -> None:
                     await shutdown.wait()
-                    await _drain(config, bridge, supervisor, streamings, publisher)
-                    services.cancel_scope.cancel(reason="shutdown")
+                    if not connected:
+                        lifetime.cancel(reason="shutdown before the broker was reached")
+
+                root.start_soon(abort_connecting, name="abort-connecting")
+                log.info("pod %s connecting to the broker", config.pod_id)
+                async with open_amqp_bridge(
+                    config.rabbitmq_address, topology(config), broker_timeout=config.amqp_timeout
+                ) as bridge:
+                    connected = True
+                    root.start_soon(publisher.serve, bridge, name="event-publisher")
+                    root.start_soon(_track_readiness, readiness, bridge, name="readiness")
+                    async with trio.open_nursery() as services:
+                        streamings = StreamingService(
+                            supervisor,
+                            CallManager(bridge, config.call_manager_timeout),
+                            publisher,
+                            services,
+                            pod_id=config.pod_id,
+                            create_timeout=config.create_timeout,
+                            max_text_bytes=config.max_text_bytes,
+                            metrics=metrics,
+                        )
+                        bus.add_listener(streamings.on_session_event)
+                        plane = CommandPlane(
+                            bridge,
+                            streamings.routes(),
+                            pod_id=config.pod_id,
+                            forward_timeout=config.delete_forward_timeout,
+                        )
+                        await services.start(plane.serve)
+                        log.info(
+                            "pod %s serving %s and %s", config.pod_id, config.shared_queue, config.pod_queue
+                        )
+                        task_status.started(
+                            DaemonHandle(
+                                config,
+                                supervisor,
+                                bus,
+                                bridge,
+                                streamings,
+                                plane,
+                                publisher,
+                                shutdown,
+                                metrics=metrics,
+                                readiness=readiness,
+                                http_port=http_port,
+                                console_address=console_address,
+                            )
+                        )
+                        await shutdown.wait()
+                        readiness.draining = True
+                        await _drain(config, bridge, supervisor, streamings, publisher)
+                        services.cancel_scope.cancel(reason="shutdown")
         root.cancel_scope.cancel(reason="shutdown")
     log.info("pod %s stopped", config.pod_id)
+
+
+def _console(
+    config: DaemonConfig, supervisor: Supervisor, bus: EventBus, metrics: Metrics
+) -> Callable[..., Awaitable[None]]:
+    if config.admin_host:
+        return partial(
+            serve_console,
+            supervisor,
+            bus,
+            host=config.admin_host,
+            port=config.admin_port,
+            token=config.admin_token or None,
+            metrics=metrics,
+        )
+    return partial(
+        serve_console,
+        supervisor,
+        bus,
+        unix_path=config.admin_socket or default_console_path(),
+        metrics=metrics,
+    )
+
+
+async def _track_readiness(readiness: Readiness, bridge: AmqpBridge) -> None:
+    while True:
+        readiness.command_plane_connected = bridge.connected
+        await trio.sleep(0.5)
 
 
 async def _drain(

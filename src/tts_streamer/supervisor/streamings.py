@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from tts_streamer.actors import events as ev
-from tts_streamer.actors.commands import CommandError, SayAdd, SayFinish, SayFlush, SayInit
+from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.session import Session, SessionStartError
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.adapters.voipbin import envelope, models
@@ -26,6 +26,7 @@ from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
 from tts_streamer.supervisor.call_manager import CallManager, CallManagerError, stop_external_media_quietly
 from tts_streamer.supervisor.command_plane import Handler, NotOwned, RouteCall
 from tts_streamer.supervisor.event_publisher import EventPublisher
+from tts_streamer.supervisor.metrics import Metrics, run_session_command
 from tts_streamer.supervisor.sessions import Supervisor
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class StreamingService:
         pod_id: str,
         create_timeout: float = 2.5,
         max_text_bytes: int = 5000,
+        metrics: Metrics | None = None,
     ) -> None:
         self.streamings: dict[uuid.UUID, StreamingState] = {}
         self._supervisor = supervisor
@@ -68,6 +70,17 @@ class StreamingService:
         self._pod_id = pod_id
         self._create_timeout = create_timeout
         self._max_text_bytes = max_text_bytes
+        self._metrics = metrics
+
+    async def _command(self, streaming_id: uuid.UUID, command: Command) -> object:
+        """Into the session through the one metered path every command plane uses."""
+        return await run_session_command(self._supervisor, str(streaming_id), command, self._metrics)
+
+    def _refuse(self, kind: str) -> Response:
+        """A stale or foreign message id (Go: 500 "message ID mismatch"), counted like any refusal."""
+        if self._metrics is not None:
+            self._metrics.command_error(kind)
+        return envelope.typed_error("INTERNAL", kind.upper(), "message ID mismatch", status_code=500)
 
     def owns(self, streaming_id: uuid.UUID) -> bool:
         return streaming_id in self.streamings
@@ -173,7 +186,7 @@ class StreamingService:
         except WireError as exc:
             return bad_request(exc.reason)
         try:
-            await state.session.call(SayInit(str(request.message_id)))
+            await self._command(streaming_id, SayInit(str(request.message_id)))
         except CommandError as exc:
             return command_failed(exc)
         state.model = attrs.evolve(state.model, message_id=request.message_id)
@@ -188,11 +201,9 @@ class StreamingService:
         except WireError as exc:
             return bad_request(exc.reason)
         if request.message_id != state.model.message_id:
-            return envelope.typed_error(
-                "INTERNAL", "MESSAGE_ID_MISMATCH", "message ID mismatch", status_code=500
-            )
+            return self._refuse("message_id_mismatch")
         try:
-            await state.session.call(SayAdd(request.text))
+            await self._command(streaming_id, SayAdd(request.text))
         except CommandError as exc:
             return command_failed(exc)
         return envelope.ok()
@@ -202,7 +213,7 @@ class StreamingService:
         if state is None or state.session is None:
             return envelope.plain_error(500)
         try:
-            await state.session.call(SayFlush(end_message=True))
+            await self._command(streaming_id, SayFlush(end_message=True))
         except CommandError as exc:
             return command_failed(exc)
         state.model = attrs.evolve(state.model, message_id=NIL_UUID)
@@ -217,11 +228,9 @@ class StreamingService:
         except WireError as exc:
             return bad_request(exc.reason)
         if request.message_id != state.model.message_id:
-            return envelope.typed_error(
-                "INTERNAL", "MESSAGE_ID_MISMATCH", "message ID mismatch", status_code=500
-            )
+            return self._refuse("message_id_mismatch")
         try:
-            await state.session.call(SayFinish())
+            await self._command(streaming_id, SayFinish())
         except CommandError as exc:
             return command_failed(exc)
         return envelope.ok(state.model.to_data())
@@ -232,7 +241,7 @@ class StreamingService:
         if state is None or state.session is None:
             return envelope.streaming_not_found()
         try:
-            await state.session.call(SayFlush())
+            await self._command(streaming_id, SayFlush())
         except CommandError as exc:
             return command_failed(exc)
         return envelope.ok(state.model.to_data())
