@@ -240,6 +240,7 @@ async def test_running_daemon_reports_health_and_metrics_of_amqp_commands() -> N
             assert "tts_streamer_flush_to_silence_seconds_count 1.0" in text
             assert 'tts_streamer_command_errors_total{kind="message_id_mismatch"} 1.0' in text
             assert "tts_streamer_active_sessions 1.0" in text
+            assert 'tts_streamer_vendor_first_audio_seconds_count{vendor="synthetic"} 1.0' in text
             rig.daemon.shutdown()
             with trio.fail_after(5):
                 while (await trio.to_thread.run_sync(get, port, "/health/ready"))[0] != 503:  # noqa: ASYNC110

@@ -287,7 +287,8 @@ async def test_json_output_parses_for_every_command(nursery, autojump_clock):
         (shown,) = await console.json_rows("show c1 --json")
         assert shown["message_id"] == said[0]["message_id"]
         events = shown["events"]
-        assert isinstance(events, list) and [e["event"] for e in events] == ["initiated", "play_started"]
+        names = [e["event"] for e in events]
+        assert isinstance(events, list) and names == ["initiated", "vendor_first_audio", "play_started"]
         (flushed,) = await console.json_rows("flush --json c1")
         assert flushed["ok"] is True and isinstance(flushed["frames_dropped"], int)
         tasks = await console.json_rows("tasks --json")
@@ -326,10 +327,10 @@ async def test_show_has_details_and_recent_events_even_shortly_after_stop(nurser
         details = dict(line.split(None, 1) for line in shown if not line.startswith(("events:", "  ")))
         assert details["id"] == "c1" and details["state"] == "speaking" and details["connection_id"] == "c1"
         assert details["media_uri"] == media_uri("c1") and int(details["frames_sent"]) > 0
-        assert "events: 2 recent" in shown
+        assert "events: 3 recent" in shown
         event_lines = [line.split() for line in shown if line.startswith("  ")]
         assert event_lines[0][:2] == ["AGO_S", "EVENT"]
-        assert [line[1] for line in event_lines[1:]] == ["initiated", "play_started"]
+        assert [line[1] for line in event_lines[1:]] == ["initiated", "vendor_first_audio", "play_started"]
         await console.command("stop c1")
         after = await console.command("show c1")
         assert after[:2] == ["id     c1", "state  ended"]
@@ -360,7 +361,9 @@ async def test_events_follows_live_and_ends_on_any_line(nursery, autojump_clock)
         first = await follower.read_line()
         assert first is not None and first.split()[1:3] == ["c1", "initiated"]
         second = await follower.read_line()
-        assert second is not None and second.split()[1:3] == ["c1", "play_started"]
+        assert second is not None and second.split()[1:3] == ["c1", "vendor_first_audio"]
+        third = await follower.read_line()
+        assert third is not None and third.split()[1:3] == ["c1", "play_started"]
         await follower.send_line("")
         assert await follower.read_response() == []
         assert daemon.bus.subscriptions == []

@@ -288,7 +288,7 @@ async def test_events_in_order_for_a_message(nursery, autojump_clock):
         await sink.wait_for(ev.PlayFinished, "c1")
         await sup.stop("c1")
     kinds = [type(e).__name__ for _, e in sink.events]
-    assert kinds == ["Initiated", "PlayStarted", "PlayFinished", "Stopped"]
+    assert kinds == ["Initiated", "VendorFirstAudio", "PlayStarted", "PlayFinished", "Stopped"]
     finished = sink.of(ev.PlayFinished)[0]
     assert finished.text == "one  two " and finished.texts_added == 2 and finished.frames_sent == 40
 
@@ -307,3 +307,15 @@ async def test_flush_that_ends_the_message_reports_it_not_completed(nursery, aut
             await sup.call("c1", SayAdd("no message any more"))
         assert info.value.kind == "no_message"
         assert not call.hung_up
+
+
+async def test_vendor_first_audio_latency_is_reported(nursery, autojump_clock):
+    sim = AsteriskSimulator(seed=16)
+    sim.expect("c1")
+    async with open_sim_supervisor(sim, engine(first_audio_delay=0.25), nursery) as (sup, sink):
+        await sup.start_session("c1", media_uri("c1"))
+        await speak(sup, "c1", "hello")
+        first = await sink.wait_for(ev.VendorFirstAudio, "c1")
+        started = await sink.wait_for(ev.PlayStarted, "c1")
+    assert first.vendor == "synthetic" and first.seconds == pytest.approx(0.25)
+    assert sink.time_of(started) >= sink.time_of(first)

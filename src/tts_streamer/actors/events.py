@@ -36,6 +36,15 @@ class PlayFinished:
 
 
 @attrs.frozen
+class VendorFirstAudio:
+    """A vendor stream produced its first audio ``seconds`` after it was opened with text."""
+
+    call_id: str
+    vendor: str
+    seconds: float
+
+
+@attrs.frozen
 class Flushed:
     call_id: str
     message_id: str | None
@@ -57,7 +66,7 @@ class Stopped:
     reason: str
 
 
-SessionEvent = Initiated | PlayStarted | PlayFinished | Flushed | SessionError | Stopped
+SessionEvent = Initiated | PlayStarted | PlayFinished | VendorFirstAudio | Flushed | SessionError | Stopped
 
 
 class EventSink(Protocol):

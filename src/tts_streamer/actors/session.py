@@ -311,6 +311,9 @@ class Session:
         if message.finishing and not message.unplayed:
             self._complete(message)
 
+    def on_first_audio(self, utterance: int, seconds: float) -> None:
+        self._emit(ev.VendorFirstAudio(self.call_id, self.engine.name, seconds))
+
     def on_vendor_error(self, utterance: int, error: VoiceError) -> None:
         if self._open_utterance == utterance:
             self._open_utterance = None

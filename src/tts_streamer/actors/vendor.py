@@ -38,6 +38,8 @@ VendorItem = TextItem | EndOfInput
 class VendorListener(Protocol):
     def on_vendor_error(self, utterance: int, error: VoiceError) -> None: ...
 
+    def on_first_audio(self, utterance: int, seconds: float) -> None: ...
+
 
 class Vendor:
     def __init__(
@@ -111,13 +113,19 @@ class Vendor:
 
     async def _speak(self, first: TextItem) -> None:
         utterance = first.utterance
+        opened_at = trio.current_time()
+        first_audio = True
         async with self.engine.open_stream(self.voice) as stream, trio.open_nursery() as nursery:
             await stream.send_text(first.text)
             nursery.start_soon(self._feed, stream, utterance, name=f"{self.name}-feed[{utterance}]")
             async with aclosing(stream.audio()) as chunks:
                 async for chunk in chunks:
-                    if chunk:
-                        await self._audio_out.send(AudioChunk(utterance, chunk))
+                    if not chunk:
+                        continue
+                    if first_audio:
+                        first_audio = False
+                        self._listener.on_first_audio(utterance, trio.current_time() - opened_at)
+                    await self._audio_out.send(AudioChunk(utterance, chunk))
         await self._audio_out.send(UtteranceEnd(utterance))
 
     async def _feed(self, stream: VoiceStream, utterance: int) -> None:

@@ -20,6 +20,7 @@ EVENT_NAMES: dict[type[ev.SessionEvent], str] = {
     ev.Initiated: "initiated",
     ev.PlayStarted: "play_started",
     ev.PlayFinished: "play_finished",
+    ev.VendorFirstAudio: "vendor_first_audio",
     ev.Flushed: "flushed",
     ev.SessionError: "error",
     ev.Stopped: "stopped",
@@ -72,7 +73,7 @@ class EventHistory:
 
 
 def event_name(event: ev.SessionEvent) -> str:
-    return EVENT_NAMES[type(event)]
+    return EVENT_NAMES.get(type(event), type(event).__name__)
 
 
 def event_fields(event: ev.SessionEvent) -> dict[str, object]:

@@ -145,9 +145,6 @@ class Metrics:
             buckets=FLUSH_BUCKETS,
             registry=registry,
         )
-        # TODO(issue 3 follow-up): no hook reports a vendor's first audio yet. It belongs in
-        # Vendor._speak (time from send_text to the first chunk), reported through the session as an
-        # event or listener call; until then this family is registered and stays empty.
         self.vendor_first_audio = Histogram(
             PREFIX + "vendor_first_audio_seconds",
             "From sending text to a vendor stream to its first audio chunk, per vendor.",
@@ -204,6 +201,8 @@ class Metrics:
     def _count(self, event: ev.SessionEvent) -> None:
         if isinstance(event, ev.Initiated):
             self._track(event.call_id)
+        elif isinstance(event, ev.VendorFirstAudio):
+            self.vendor_first_audio.labels(vendor=event.vendor).observe(event.seconds)
         elif isinstance(event, ev.Flushed):
             self.flushes.inc()
             self.frames_dropped_by_flush.inc(event.frames_dropped)
