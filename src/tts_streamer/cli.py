@@ -39,13 +39,14 @@ def _serve() -> int:
 
     from tts_streamer.supervisor.config import ConfigError, DaemonConfig
     from tts_streamer.supervisor.daemon import run_daemon
+    from tts_streamer.supervisor.logging_setup import configure_logging
 
     try:
         config = DaemonConfig.from_env(os.environ)
     except ConfigError as exc:
         print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(config.log_level)
+    configure_logging(config.log_level, pod_id=config.pod_id, json=config.log_format == "json")
     trio.run(run_daemon, config)
     return 0
 

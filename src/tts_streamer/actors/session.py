@@ -17,6 +17,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from tts_streamer import logcontext
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.audio import AudioItem
 from tts_streamer.actors.commands import (
@@ -138,6 +139,7 @@ class Session:
     # -- the actor --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+        logcontext.call_id.set(self.call_id)  # inherited by every task this session spawns
         started = False
         try:
             # The stop scope sits inside the connection: stopping cancels the actors, not the

@@ -46,6 +46,7 @@ class DaemonConfig:
     http_host: str = "0.0.0.0"
     http_port: int = 9090
     log_level: str = "INFO"
+    log_format: str = "json"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonConfig:
@@ -88,6 +89,7 @@ class DaemonConfig:
             http_host=get("HTTP_HOST", d.http_host, str),
             http_port=get("HTTP_PORT", d.http_port, _non_negative_int),
             log_level=get("LOG_LEVEL", d.log_level, _log_level),
+            log_format=get("LOG_FORMAT", d.log_format, _log_format),
         )
 
     @property
@@ -127,6 +129,13 @@ def _bool(raw: str) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise ValueError("must be true or false")
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"json", "text"}:
+        raise ValueError("must be json or text")
+    return value
 
 
 def _log_level(raw: str) -> str:
