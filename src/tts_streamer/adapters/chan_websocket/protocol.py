@@ -129,7 +129,7 @@ def parse_event(text: str) -> Event:
 def _parse_json_event(text: str) -> Event:
     try:
         obj = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"bad JSON control message: {exc}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
         raise ProtocolError("JSON control message without an 'event' string")
@@ -201,7 +201,7 @@ def parse_command(text: str, control_format: ControlFormat) -> Command:
     if control_format is ControlFormat.JSON:
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError("Unable to parse JSON command") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
             raise ProtocolError("Unable to parse JSON command")
