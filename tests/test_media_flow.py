@@ -47,10 +47,10 @@ async def test_xoff_pauses_sending_until_xon(nursery, autojump_clock):
         # trio-websocket types the stream as a socket stream; any trio Stream works (as its docs show).
         ws = await wrap_client_stream(
             nursery,
-            client_end,
+            client_end,  # type: ignore[arg-type]
             "asterisk",
             "/media/x",
-            subprotocols=["media"],  # type: ignore[arg-type]
+            subprotocols=["media"],
         )
         try:
             yield ws
