@@ -8,10 +8,9 @@ STAMP := $(VENV)/.installed
 
 all: test
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# scripts/install.sh is also what the Dockerfile runs: one install procedure, exercised by every CI run.
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON='$(PYTHON)' sh scripts/install.sh --dev --editable $(VENV)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,59 @@
+# tts-streamer daemon image. Build: docker build -t tts-streamer .   (docs/deploy.md)
+#
+# The image bundles espeak-ng (GPL-3.0-or-later, through the espeakng-loader wheel) with the daemon:
+# distributing it means distributing a GPL-3.0 combination. See "Licences" in docs/deploy.md.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# -- builder: the same scripts/install.sh that `make` runs, into /opt/venv ----------------------------
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY scripts/install.sh scripts/install.sh
+COPY src/ src/
+# Runtime dependencies only (no --dev), not editable: the venv must not point back into /src.
+RUN sh scripts/install.sh /opt/venv /src
+
+# -- runtime: the venv, a non-root user, nothing else ---------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="tts-streamer" \
+      org.opencontainers.image.description="Streams text-to-speech into live Asterisk calls over chan_websocket" \
+      org.opencontainers.image.licenses="Apache-2.0 AND GPL-3.0-or-later AND LGPL-2.1-or-later"
+
+# A fixed numeric uid/gid, so Kubernetes runAsNonRoot can verify it without a passwd lookup.
+RUN groupadd --system --gid 10001 tts \
+    && useradd --system --uid 10001 --gid tts --no-create-home --home-dir /tmp --shell /usr/sbin/nologin tts
+
+# Owned by root, so the daemon cannot modify its own code.
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HTTP_PORT=9090
+
+USER 10001:10001
+WORKDIR /tmp
+
+# Self-test of the finished image (offline voice, codecs, pacing) before anything ships: the README's
+# demo, a simulated Asterisk on loopback, about 7 s.
+RUN tts-streamer demo --wav /tmp/selftest.wav > /dev/null && rm /tmp/selftest.wav
+
+# Health, readiness and Prometheus metrics (HTTP_PORT).
+EXPOSE 9090
+
+# Docker/Compose only; Kubernetes ignores HEALTHCHECK and uses the Deployment's probes instead.
+# Any non-2xx answer or no answer raises, so the check fails; no curl in the image.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % (os.environ.get('HTTP_PORT') or '9090'), timeout=4)"]
+
+# The daemon is PID 1 (exec form, no shell in between): Trio installs SIGTERM/SIGINT handlers, so the
+# kernel's "PID 1 ignores signals it does not handle" rule does not apply, and SIGTERM starts the bounded
+# drain (DRAIN_TIMEOUT). No init is needed: the daemon starts no child processes (espeak-ng is a library
+# loaded in-process), so there are no zombies to reap. docs/deploy.md says when to add tini.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tts-streamer"]
+CMD ["serve"]
