@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -16,6 +17,7 @@ import trio_asyncio
 
 from tests.services import RABBITMQ_URL
 from tts_streamer.adapters.synthetic import SyntheticEngine
+from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
 from tts_streamer.fakes.call_manager import FakeCallManager, open_fake_call_manager
@@ -45,6 +47,7 @@ class Rig:
     caller: VoipbinCaller
     daemons: list[DaemonHandle]
     engine: SyntheticEngine
+    workdir: str = ""  # per-rig files: the default SQLite speaking store, the speech media directory
 
     @property
     def daemon(self) -> DaemonHandle:
@@ -74,6 +77,26 @@ class Rig:
     def sim_call_for(self, sid: str) -> Any:
         return self.sim.calls[self.call_manager.created[uuid.UUID(sid)]]
 
+    async def request(self, queue: str, uri: str, method: str, data: Any = None) -> Response:
+        """Any request, as a voipbin service sends it; asserts that a reply came."""
+        response = await self.caller.call(queue, uri, method, data)
+        assert response is not None, f"no reply to {method} {uri}"
+        return response
+
+    async def speaking(self, sid: str, action: str, data: Any = None, *, pod: int = 0) -> Response:
+        """POST /v1/speakings/<id>/<action> on a pod's queue (say, flush, stop)."""
+        return await self.request(self.pod_queue(pod), f"/v1/speakings/{sid}/{action}", "POST", data)
+
+
+def _rig_files(workdir: str) -> dict[str, Any]:
+    """Speakings/speeches settings that keep a test daemon off the user's files and fixed ports."""
+    return {
+        "sqlite_path": os.path.join(workdir, "speakings.sqlite3"),
+        "media_dir": os.path.join(workdir, "media"),
+        "media_http_host": "127.0.0.1",
+        "media_http_port": 0,
+    }
+
 
 @asynccontextmanager
 async def open_rig(
@@ -82,7 +105,10 @@ async def open_rig(
     await purge_queues(SHARED_QUEUE, CALL_MANAGER_QUEUE)
     engine = engine or SyntheticEngine(seconds_per_char=0.05, speed=4.0)
     sim = AsteriskSimulator(seed=1)
-    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+    workdir = tempfile.mkdtemp(prefix="tts-streamer-rig-")
+    stack_files = AsyncExitStack()
+    stack_files.callback(shutil.rmtree, workdir, ignore_errors=True)
+    async with stack_files, trio.open_nursery() as nursery, AsyncExitStack() as stack:
         port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
         call_manager = await stack.enter_async_context(
             open_fake_call_manager(RABBITMQ_URL, sim, "127.0.0.1", port)
@@ -106,6 +132,7 @@ async def open_rig(
                 "http_host": "127.0.0.1",
                 "http_port": 0,
                 "admin_socket": os.path.join(tempfile.gettempdir(), f"tts-streamer-test-{pod_id}.sock"),
+                **_rig_files(workdir),
             }
             options.update(config)
             daemon_config = DaemonConfig(
@@ -114,7 +141,7 @@ async def open_rig(
             finished.append(trio.Event())
             daemons.append(await nursery.start(run_one, daemon_config, finished[-1]))
         try:
-            yield Rig(sim, call_manager, caller, daemons, engine)
+            yield Rig(sim, call_manager, caller, daemons, engine, workdir)
         finally:
             for handle in daemons:
                 handle.shutdown()
@@ -122,3 +149,67 @@ async def open_rig(
                 for done in finished:
                     await done.wait()
             nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class Pod:
+    """A daemon started by ``run_pod``; ``crash()`` kills it with no drain, like a killed process."""
+
+    handle: DaemonHandle
+    scope: trio.CancelScope
+    done: trio.Event
+
+    def crash(self) -> None:
+        self.scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        with trio.fail_after(10):
+            await self.done.wait()
+
+
+@asynccontextmanager
+async def run_pod(
+    rig: Rig,
+    pod_id: str | None = None,
+    *,
+    engines: Mapping[str, VoiceEngine] | None = None,
+    **config: Any,
+) -> AsyncIterator[Pod]:
+    """One more daemon on ``rig`` (appended to ``rig.daemons`` while it runs), with a chosen pod id,
+    engines and config; shut down on exit unless it was crashed."""
+    pod_id = pod_id or f"test-pod-x-{uuid.uuid4().hex[:6]}"
+    engines = dict(engines) if engines is not None else {rig.engine.name: rig.engine}
+    options: dict[str, Any] = {
+        "drain_timeout": 5.0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "admin_socket": os.path.join(tempfile.gettempdir(), f"tts-streamer-test-{pod_id}.sock"),
+        "default_engine": rig.engine.name if rig.engine.name in engines else next(iter(engines)),
+        **_rig_files(rig.workdir),
+    }
+    options.update(config)
+    daemon_config = DaemonConfig(rabbitmq_address=RABBITMQ_URL, pod_id=pod_id, **options)
+    scope, done = trio.CancelScope(), trio.Event()
+
+    async def run(*, task_status: Any) -> None:
+        with scope:
+            try:
+                await run_daemon(
+                    daemon_config, engines=engines, handle_signals=False, task_status=task_status
+                )
+            finally:
+                done.set()
+
+    async with trio.open_nursery() as nursery:
+        handle: DaemonHandle = await nursery.start(run)
+        rig.daemons.append(handle)
+        pod = Pod(handle, scope, done)
+        try:
+            yield pod
+        finally:
+            rig.daemons.remove(handle)
+            if not scope.cancel_called:
+                handle.shutdown()
+                with trio.move_on_after(10):
+                    await done.wait()
+            scope.cancel()

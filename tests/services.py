@@ -29,3 +29,11 @@ def require_service(name: str, host: str, port: int, how_to_start: str) -> None:
 
 def require_rabbitmq() -> None:
     require_service("RabbitMQ", "127.0.0.1", 5672, "rabbitmq-server -detached")
+
+
+# MariaDB for the speaking store (database ``test``); override with a SQLAlchemy URL or a Go DSN.
+MARIADB_DSN = os.environ.get("TEST_DATABASE_DSN", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def require_mariadb() -> None:
+    require_service("MariaDB", "127.0.0.1", 3306, "service mariadb start")

@@ -248,14 +248,20 @@ class Session:
         await self._vendor.flush(live_from)
         dropped = await self.media.flush(live_from)
         self._open_utterance = None
-        for utterance in [u for u in self._utterance_message if u < live_from]:
+        message = self._message
+        earlier: list[MessageState] = []  # finished messages still playing when the flush came
+        for utterance in sorted(u for u in self._utterance_message if u < live_from):
             flushed = self._utterance_message.pop(utterance)
             flushed.unplayed.discard(utterance)
             flushed.flushes += 1
-        message = self._message
+            done = flushed.finishing and not flushed.unplayed
+            if done and flushed is not message and flushed not in earlier:
+                earlier.append(flushed)
         self._emit(ev.Flushed(self.call_id, None if message is None else message.message_id, dropped))
+        for finished in earlier:
+            self._complete(finished, cut=True)  # their audio is gone too: report them now, not at stop
         if message is not None and (message.finishing or end_message):
-            self._complete(message)
+            self._complete(message, cut=True)
         self.state = "idle"
         return dropped
 
@@ -276,7 +282,8 @@ class Session:
         if not message.unplayed:
             self._complete(message)
 
-    def _complete(self, message: MessageState) -> None:
+    def _complete(self, message: MessageState, *, cut: bool = False) -> None:
+        """Report ``message`` over; ``cut``: a flush ended it, so it did not play to its end."""
         if self._message is message:
             self._message = None
             self.state = "idle"
@@ -288,7 +295,7 @@ class Session:
                 len(message.texts),
                 message.frames_sent,
                 message.flushes,
-                completed=message.finishing,
+                completed=message.finishing and not cut,
             )
         )
 

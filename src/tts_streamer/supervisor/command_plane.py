@@ -37,7 +37,15 @@ _Work = tuple[Delivery, Request, RouteMatch]
 
 
 class NotOwned(Exception):
-    """Raised by a handler when another pod owns the resource: the plane forwards the request."""
+    """Raised by a handler when another pod owns the resource: the plane forwards the request.
+
+    ``fallback`` answers instead when no pod answers the forward in time (the owner is gone); without
+    one the caller gets the typed 404.
+    """
+
+    def __init__(self, fallback: Callable[[], Awaitable[Response]] | None = None) -> None:
+        super().__init__()
+        self.fallback = fallback
 
 
 @attrs.frozen
@@ -164,14 +172,19 @@ class CommandPlane:
             return envelope.plain_error(404)
         try:
             return await handler(RouteCall(request, match, delivery))
-        except NotOwned:
+        except NotOwned as not_owned:
             if FORWARDED_HEADER in delivery.headers:
                 return None  # not ours either; the forwarding pod answers the caller
             assert match.id is not None
-            return await self._forward(request, match.id)
+            answer = await self._forward(request, match.id)
+            if answer is not None:
+                return answer
+            if not_owned.fallback is not None:
+                return await not_owned.fallback()
+            return envelope.streaming_not_found()
 
-    async def _forward(self, request: Request, streaming_id: uuid.UUID) -> Response:
-        """Ask the pod that owns ``streaming_id`` to handle ``request``; relay its answer."""
+    async def _forward(self, request: Request, streaming_id: uuid.UUID) -> Response | None:
+        """Ask the pod that owns ``streaming_id`` to handle ``request``; its answer, or None if none came."""
         self.stats.forwarded += 1
         with trio.move_on_after(self._forward_timeout):
             try:
@@ -184,7 +197,7 @@ class CommandPlane:
                 return envelope.parse_response(raw)
             except (AmqpUnavailable, WireError) as exc:
                 log.warning("streaming=%s DELETE forward failed: %s", streaming_id, exc)
-        return envelope.streaming_not_found()
+        return None
 
     async def _reply(self, delivery: Delivery, response: Response) -> None:
         log.debug(

@@ -7,6 +7,7 @@ docs/configuration.md lists every variable; keep the two in step.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -18,6 +19,21 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+def _xdg_dir(variable: str, fallback: str, *parts: str) -> str:
+    base = os.environ.get(variable) or os.path.join(os.path.expanduser("~"), fallback)
+    return os.path.join(base, "tts-streamer", *parts)
+
+
+def default_sqlite_path() -> str:
+    """Speaking rows without a database server: ``$XDG_STATE_HOME/tts-streamer/speakings.sqlite3``."""
+    return _xdg_dir("XDG_STATE_HOME", os.path.join(".local", "state"), "speakings.sqlite3")
+
+
+def default_media_dir() -> str:
+    """Speech WAV files: ``$XDG_CACHE_HOME/tts-streamer/media``."""
+    return _xdg_dir("XDG_CACHE_HOME", ".cache", "media")
 
 
 @attrs.frozen
@@ -47,6 +63,16 @@ class DaemonConfig:
     http_port: int = 9090
     log_level: str = "INFO"
     log_format: str = "json"
+    # speakings (docs/speakings.md): MySQL/MariaDB when DATABASE_DSN is set, else an SQLite file
+    database_dsn: str = ""
+    sqlite_path: str = attrs.field(factory=default_sqlite_path)
+    # speeches: WAV cache served over HTTP; media_filepath = http://<POD_IP rule>[:port]/<sha1>.wav
+    media_dir: str = attrs.field(factory=default_media_dir)
+    media_cache_max_bytes: int = 1 << 30
+    media_http_host: str = "0.0.0.0"
+    media_http_port: int = 8080
+    pod_ip: str = ""
+    speech_timeout: float = 9.5  # call-manager waits 10 s
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonConfig:
@@ -90,6 +116,14 @@ class DaemonConfig:
             http_port=get("HTTP_PORT", d.http_port, _non_negative_int),
             log_level=get("LOG_LEVEL", d.log_level, _log_level),
             log_format=get("LOG_FORMAT", d.log_format, _log_format),
+            database_dsn=get("DATABASE_DSN", d.database_dsn, str),
+            sqlite_path=get("SQLITE_PATH", d.sqlite_path, str),
+            media_dir=get("MEDIA_DIR", d.media_dir, str),
+            media_cache_max_bytes=get("MEDIA_CACHE_MAX_BYTES", d.media_cache_max_bytes, _positive_int),
+            media_http_host=get("MEDIA_HTTP_HOST", d.media_http_host, str),
+            media_http_port=get("MEDIA_HTTP_PORT", d.media_http_port, _non_negative_int),
+            pod_ip=get("POD_IP", d.pod_ip, str),
+            speech_timeout=get("SPEECH_TIMEOUT", d.speech_timeout, _positive_float),
         )
 
     @property

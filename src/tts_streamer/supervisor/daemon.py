@@ -18,6 +18,7 @@ import trio
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
+from tts_streamer.adapters.speaking_store import open_speaking_store
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.supervisor.amqp_bridge import (
     AmqpBridge,
@@ -28,14 +29,22 @@ from tts_streamer.supervisor.amqp_bridge import (
 )
 from tts_streamer.supervisor.call_manager import CallManager
 from tts_streamer.supervisor.command_plane import CONTROL_EXCHANGE, CommandPlane
-from tts_streamer.supervisor.config import DaemonConfig
+from tts_streamer.supervisor.config import ConfigError, DaemonConfig
 from tts_streamer.supervisor.console import default_console_path, serve_console
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
 from tts_streamer.supervisor.health import Readiness, serve_http
+from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.metrics import Metrics
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
+from tts_streamer.supervisor.speakings import SpeakingService
+from tts_streamer.supervisor.speeches import (
+    MediaCache,
+    SpeechService,
+    media_base_url,
+    offline_engine_name,
+)
 from tts_streamer.supervisor.streamings import StreamingService
 
 log = logging.getLogger(__name__)
@@ -96,6 +105,9 @@ class DaemonHandle:
     readiness: Readiness | None = None
     http_port: int = 0
     console_address: object = None
+    speakings: SpeakingService | None = None
+    speeches: SpeechService | None = None
+    media_http_port: int = 0
 
     def shutdown(self) -> None:
         self.shutdown_requested.set()
@@ -116,6 +128,9 @@ async def run_daemon(
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     engines = dict(engines) if engines is not None else default_engines()
+    if config.default_engine not in engines:
+        # A startup error naming the variable (exit 2 from `serve`), not a traceback from the supervisor.
+        raise ConfigError(f"DEFAULT_ENGINE={config.default_engine!r}: not one of {sorted(engines)}")
     bus = EventBus()
     publisher = EventPublisher(capacity=config.event_buffer)
     shutdown = trio.Event()
@@ -135,7 +150,8 @@ async def run_daemon(
             dialer=dialer or websocket_dialer(),
             events=bus,
             config=session_config,
-            stop_grace=config.drain_timeout,
+            # The drain already had DRAIN_TIMEOUT; what is left after it gets one close timeout.
+            stop_grace=session_config.timeouts.close,
         ) as supervisor:
             metrics.attach(bus, supervisor)
             # Health and the console come up first: liveness answers (and readiness says why not)
@@ -162,7 +178,10 @@ async def run_daemon(
                     connected = True
                     root.start_soon(publisher.serve, bridge, name="event-publisher")
                     root.start_soon(_track_readiness, readiness, bridge, name="readiness")
-                    async with trio.open_nursery() as services:
+                    async with (
+                        open_speaking_store(config.database_dsn, config.sqlite_path) as store,
+                        trio.open_nursery() as services,
+                    ):
                         streamings = StreamingService(
                             supervisor,
                             CallManager(bridge, config.call_manager_timeout),
@@ -174,9 +193,37 @@ async def run_daemon(
                             metrics=metrics,
                         )
                         bus.add_listener(streamings.on_session_event)
+                        speakings = SpeakingService(
+                            store,
+                            streamings,
+                            publisher,
+                            services,
+                            pod_id=config.pod_id,
+                            engines=engines.keys(),
+                            max_text_bytes=config.max_text_bytes,
+                        )
+                        streamings.add_end_listener(speakings.on_streaming_ended)
+                        bus.add_listener(speakings.on_session_event)
+                        await speakings.recover()  # rows a crashed run of this pod left live
+                        cache = MediaCache(config.media_dir, config.media_cache_max_bytes)
+                        await cache.setup()
+                        media_port = await services.start(
+                            partial(
+                                MediaHttpServer(config.media_dir, on_access=cache.touch).serve,
+                                config.media_http_host,
+                                config.media_http_port,
+                            )
+                        )
+                        speeches = SpeechService(
+                            engines,
+                            cache,
+                            base_url=media_base_url(config.pod_ip, media_port),
+                            offline_engine=offline_engine_name(engines, config.default_engine),
+                            timeout=config.speech_timeout,
+                        )
                         plane = CommandPlane(
                             bridge,
-                            streamings.routes(),
+                            {**streamings.routes(), **speakings.routes(), **speeches.routes()},
                             pod_id=config.pod_id,
                             forward_timeout=config.delete_forward_timeout,
                         )
@@ -198,11 +245,14 @@ async def run_daemon(
                                 readiness=readiness,
                                 http_port=http_port,
                                 console_address=console_address,
+                                speakings=speakings,
+                                speeches=speeches,
+                                media_http_port=media_port,
                             )
                         )
                         await shutdown.wait()
                         readiness.draining = True
-                        await _drain(config, bridge, supervisor, streamings, publisher)
+                        await _drain(config, bridge, supervisor, streamings, publisher, speakings)
                         services.cancel_scope.cancel(reason="shutdown")
         root.cancel_scope.cancel(reason="shutdown")
     log.info("pod %s stopped", config.pod_id)
@@ -242,12 +292,15 @@ async def _drain(
     supervisor: Supervisor,
     streamings: StreamingService,
     publisher: EventPublisher,
+    speakings: SpeakingService | None = None,
 ) -> None:
     with trio.move_on_after(config.drain_timeout) as deadline:
         supervisor.accepting = False
         await bridge.stop_consuming()
         log.info("draining %d streaming(s)", len(streamings.streamings))
         await streamings.stop_all("shutdown")
+        if speakings is not None:
+            await speakings.drain()  # their rows stopped and speaking_stopped handed to the publisher
         await publisher.wait_drained()
     if deadline.cancelled_caught:
         log.warning(

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
 from tts_streamer.actors import events as ev
-from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
+from tts_streamer.actors.commands import (
+    Command,
+    CommandError,
+    SayAdd,
+    SayFinish,
+    SayFlush,
+    SayInit,
+    validate_text,
+)
 from tts_streamer.actors.session import Session, SessionStartError
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.adapters.voipbin import envelope, models
@@ -47,6 +56,13 @@ class StreamingState:
     session: Session | None = None
     open_messages: dict[str, models.Message] = attrs.field(factory=dict)
     deleting: bool = False
+    # Set for speakings: message_* events carry this id (the nil UUID, as Go's speakings) instead of the
+    # session's per-message id, which stays unique internally.
+    wire_message_id: uuid.UUID | None = None
+
+
+# Called once when a streaming ends, whatever ended it: (streaming id, reason).
+EndListener = Callable[[uuid.UUID, str], None]
 
 
 class StreamingService:
@@ -71,6 +87,12 @@ class StreamingService:
         self._create_timeout = create_timeout
         self._max_text_bytes = max_text_bytes
         self._metrics = metrics
+        self._end_listeners: list[EndListener] = []
+
+    def add_end_listener(self, listener: EndListener) -> None:
+        """``listener(streaming_id, reason)`` runs (synchronously, must not block) once per streaming
+        that ends: deleted, hung up, socket lost, shutdown, or rolled back during create."""
+        self._end_listeners.append(listener)
 
     async def _command(self, streaming_id: uuid.UUID, command: Command) -> object:
         """Into the session through the one metered path every command plane uses."""
@@ -110,7 +132,21 @@ class StreamingService:
             request = models.StreamingCreate.from_data(data)
         except WireError as exc:
             return bad_request(exc.reason)
-        streaming_id = uuid.uuid4()
+        return await self.start(request)
+
+    async def start(
+        self,
+        request: models.StreamingCreate,
+        *,
+        streaming_id: uuid.UUID | None = None,
+        provider: str = "",
+        voice_id: str = "",
+        engine: str | None = None,
+        wire_message_id: uuid.UUID | None = None,
+    ) -> Response:
+        """Create a streaming (the body of POST /v1/streamings); speakings pass their own id, provider,
+        voice and engine. The reply is the route's: 200 with the Streaming, or the failure to relay."""
+        streaming_id = streaming_id or uuid.uuid4()
         model = models.Streaming(
             id=streaming_id,
             customer_id=request.customer_id,
@@ -120,10 +156,12 @@ class StreamingService:
             reference_id=request.reference_id,
             language=request.language,
             gender=request.gender,
+            provider=provider,
+            voice_id=voice_id,
             direction=request.direction,
             message_id=NIL_UUID,
         )
-        state = StreamingState(model)
+        state = StreamingState(model, wire_message_id=wire_message_id)
         self.streamings[streaming_id] = state
         self._event(EventType.STREAMING_CREATED, model)
         media_created = False
@@ -145,9 +183,11 @@ class StreamingService:
                     ),
                 )
                 media_created = True
-                voice = VoiceSpec(language=request.language or "en-US", gender=request.gender)
+                voice = VoiceSpec(
+                    language=request.language or "en-US", gender=request.gender, voice_id=voice_id
+                )
                 state.session = await self._supervisor.start_session(
-                    str(streaming_id), media.media_uri, voice=voice
+                    str(streaming_id), media.media_uri, voice=voice, engine=engine
                 )
                 return envelope.ok(model.to_data())
             except CallManagerError as exc:
@@ -161,7 +201,7 @@ class StreamingService:
         if media_created:
             await stop_external_media_quietly(self._call_manager, streaming_id)
         if state.session is None:
-            self._end(streaming_id)
+            self._end(streaming_id, "create_failed")
         return failure
 
     async def get(self, streaming_id: uuid.UUID) -> Response:
@@ -246,6 +286,19 @@ class StreamingService:
             return command_failed(exc)
         return envelope.ok(state.model.to_data())
 
+    async def speak(self, streaming_id: uuid.UUID, text: str) -> None:
+        """One whole utterance as its own message (a speaking's say): init, add, finish. Its audio
+        queues behind earlier utterances. Raises CommandError."""
+        validate_text(text, self._max_text_bytes)  # refuse before a message is opened, not half-way
+        await self._command(streaming_id, SayInit(str(uuid.uuid4())))
+        await self._command(streaming_id, SayAdd(text))
+        await self._command(streaming_id, SayFinish())
+
+    async def barge_in(self, streaming_id: uuid.UUID) -> None:
+        """Silence now (a speaking's flush): the vendor is cancelled, queued audio dropped and
+        FLUSH_MEDIA sent; the call stays up. Raises CommandError."""
+        await self._command(streaming_id, SayFlush(end_message=True))
+
     async def stop_all(self, reason: str) -> None:
         """Shutdown: stop every streaming through the normal path (external media, socket, events)."""
         async with trio.open_nursery() as nursery:
@@ -270,7 +323,9 @@ class StreamingService:
             return
         if isinstance(event, ev.Initiated):
             message = models.Message(
-                id=uuid.UUID(event.message_id), customer_id=state.model.customer_id, streaming_id=streaming_id
+                id=state.wire_message_id or uuid.UUID(event.message_id),
+                customer_id=state.model.customer_id,
+                streaming_id=streaming_id,
             )
             state.open_messages[event.message_id] = message
             self._event(EventType.MESSAGE_INITIATED, message)
@@ -291,13 +346,23 @@ class StreamingService:
             state.open_messages.clear()
             if not state.deleting:
                 # Hang-up or media failure: the leg is gone; tell call-manager so it forgets it too.
-                self._nursery.start_soon(stop_external_media_quietly, self._call_manager, streaming_id)
-            self._end(streaming_id)
+                try:
+                    self._nursery.start_soon(stop_external_media_quietly, self._call_manager, streaming_id)
+                except RuntimeError:
+                    # The command plane is already torn down (the daemon is failing): sessions end
+                    # after it, and a listener must not raise into them. Nobody is left to ask.
+                    log.warning("streaming=%s ended after the command plane: media kept", streaming_id)
+            self._end(streaming_id, event.reason)
 
-    def _end(self, streaming_id: uuid.UUID) -> None:
+    def _end(self, streaming_id: uuid.UUID, reason: str) -> None:
         state = self.streamings.pop(streaming_id, None)
         if state is not None:
             self._event(EventType.STREAMING_DELETED, state.model)
+            for listener in self._end_listeners:
+                try:
+                    listener(streaming_id, reason)
+                except Exception:
+                    log.exception("streaming=%s end listener failed", streaming_id)
 
     def _event(self, event_type: EventType, model: models.WireModel) -> None:
         self._publisher.publish(envelope.make_event(event_type, model.to_data()))
