@@ -1,0 +1,167 @@
+"""Build the voice engines a deployment has credentials for, from environment-style settings.
+
+``build_engines(env)`` returns the available engines by name plus, for each vendor that is not
+available, a human-readable reason (for startup logs and ``/health/ready``). ``espeak`` is always there;
+``fallback`` is added when ``VOICE_FALLBACK_CHAIN`` names at least one available engine. Nothing here
+touches the network: credentials are loaded, never checked against the vendor (the first request does).
+See docs/vendors.md for every variable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from tts_streamer.adapters.voice import VoiceEngine
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"google": "gcp", "gcp": "gcp", "polly": "aws", "aws": "aws", "elevenlabs": "elevenlabs"}
+ALIASES |= {"espeak": "espeak", "offline": "espeak"}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def build_engines(env: Mapping[str, str]) -> tuple[dict[str, VoiceEngine], dict[str, str]]:
+    engines: dict[str, VoiceEngine] = {}
+    unavailable: dict[str, str] = {}
+    for name, factory in (("elevenlabs", _elevenlabs), ("gcp", _google), ("aws", _polly)):
+        try:
+            engine, reason = factory(env)
+        except Exception as exc:  # a broken setting must not stop the daemon: that vendor is off
+            engine, reason = None, f"{type(exc).__name__}: {exc}"
+        if engine is not None:
+            engines[name] = engine
+        else:
+            unavailable[name] = reason
+            log.warning("voice %s unavailable: %s", name, reason)
+    from tts_streamer.adapters.espeak import EspeakEngine
+
+    engines["espeak"] = EspeakEngine()
+    chain_setting = env.get("VOICE_FALLBACK_CHAIN", "").strip()
+    if chain_setting:
+        fallback, reason = _fallback(env, chain_setting, engines)
+        if fallback is not None:
+            engines["fallback"] = fallback
+        else:
+            unavailable["fallback"] = reason
+    return engines, unavailable
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key, "").strip()
+    return float(raw) if raw else default
+
+
+def _elevenlabs(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
+    key = env.get("ELEVENLABS_API_KEY", "").strip()
+    if not key:
+        return None, "ELEVENLABS_API_KEY is not set"
+    from tts_streamer.adapters.elevenlabs import DEFAULT_BASE_URL, DEFAULT_MODEL, ElevenLabsEngine
+
+    timeout = int(_float(env, "ELEVENLABS_INACTIVITY_TIMEOUT", 20))
+    engine = ElevenLabsEngine(
+        key,
+        base_url=env.get("ELEVENLABS_BASE_URL", "").strip() or DEFAULT_BASE_URL,
+        model_id=env.get("ELEVENLABS_MODEL_ID", "").strip() or DEFAULT_MODEL,
+        inactivity_timeout=timeout,
+        keepalive_interval=min(10.0, timeout / 2),
+    )
+    return engine, ""
+
+
+def _google(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
+    import grpc
+
+    from tts_streamer.adapters.google_tts import CHANNEL_OPTIONS, DEFAULT_HOST, GoogleTTSEngine
+
+    endpoint = env.get("GCP_TTS_ENDPOINT", "").strip()
+    if endpoint and env.get("GCP_TTS_INSECURE", "").strip().lower() in _TRUE:
+        # Plain-text gRPC for loopback fakes and local emulators: no credentials are involved.
+        return GoogleTTSEngine(channel=grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)), ""
+    credentials: Any = None
+    path = env.get("GOOGLE_APPLICATION_CREDENTIALS", "").strip()
+    scopes = ["https://www.googleapis.com/auth/cloud-platform"]
+    if path:
+        import google.auth
+
+        load: Any = google.auth.load_credentials_from_file
+        credentials, _project = load(path, scopes=scopes)
+    elif env.get("GCP_TTS_USE_ADC", "").strip().lower() in _TRUE:
+        import google.auth
+
+        credentials, _project = google.auth.default(scopes=scopes)
+    else:
+        return None, "GOOGLE_APPLICATION_CREDENTIALS is not set (or set GCP_TTS_USE_ADC=1)"
+    from google.cloud.texttospeech_v1.services.text_to_speech.transports.grpc import (
+        TextToSpeechGrpcTransport,
+    )
+
+    host = endpoint or f"{DEFAULT_HOST}:443"
+    channel = TextToSpeechGrpcTransport.create_channel(host, credentials=credentials, options=CHANNEL_OPTIONS)
+    return GoogleTTSEngine(channel=channel), ""
+
+
+def _polly(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
+    key_id = env.get("AWS_ACCESS_KEY_ID", "").strip()
+    profile = env.get("AWS_PROFILE", "").strip()
+    use_chain = env.get("AWS_USE_DEFAULT_CREDENTIALS", "").strip().lower() in _TRUE
+    if not (key_id or profile or use_chain):
+        return (
+            None,
+            "no AWS credentials configured (AWS_ACCESS_KEY_ID, AWS_PROFILE or AWS_USE_DEFAULT_CREDENTIALS=1)",
+        )
+    region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip() or None
+    import boto3
+
+    from tts_streamer.adapters.polly import PollyEngine, make_client
+
+    session = boto3.Session(
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", "").strip() or None,
+        aws_session_token=env.get("AWS_SESSION_TOKEN", "").strip() or None,
+        region_name=region,
+        profile_name=profile or None,
+    )
+    if session.region_name is None:
+        return None, "no AWS region configured (AWS_REGION or AWS_DEFAULT_REGION, or in the profile)"
+    if session.get_credentials() is None:
+        return None, "AWS credentials could not be resolved"
+    concurrency = int(_float(env, "POLLY_MAX_CONCURRENCY", 50))
+    client = make_client(
+        session,
+        endpoint_url=env.get("POLLY_ENDPOINT_URL", "").strip() or None,
+        max_connections=concurrency,
+        read_timeout=_float(env, "POLLY_READ_TIMEOUT", 5.0),
+    )
+    engine = PollyEngine(
+        client, engine=env.get("POLLY_ENGINE", "").strip() or "neural", max_concurrency=concurrency
+    )
+    return engine, ""
+
+
+def _fallback(
+    env: Mapping[str, str], setting: str, engines: dict[str, VoiceEngine]
+) -> tuple[VoiceEngine | None, str]:
+    from tts_streamer.adapters.fallback import FallbackEngine
+
+    chain: list[VoiceEngine] = []
+    for raw in setting.replace(">", ",").replace("-", ",").split(","):
+        name = ALIASES.get(raw.strip().lower())
+        if name is None:
+            if raw.strip():
+                log.warning("VOICE_FALLBACK_CHAIN: unknown voice %r ignored", raw.strip())
+            continue
+        if name in engines and engines[name] not in chain:
+            chain.append(engines[name])
+        elif name not in engines:
+            log.warning("VOICE_FALLBACK_CHAIN: %s is unavailable and is skipped", name)
+    if not chain:
+        return None, f"VOICE_FALLBACK_CHAIN={setting!r} names no available voice"
+    engine = FallbackEngine(
+        chain,
+        first_audio_timeout=_float(env, "VOICE_FIRST_AUDIO_TIMEOUT", 2.0),
+        stall_timeout=_float(env, "VOICE_STALL_TIMEOUT", 1.0),
+        cooldown=_float(env, "VOICE_FALLBACK_COOLDOWN", 10.0),
+    )
+    return engine, ""
