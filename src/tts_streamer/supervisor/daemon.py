@@ -9,6 +9,7 @@ the event buffer to reach the broker, then return, all within ``drain_timeout``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 
@@ -113,10 +114,11 @@ class DaemonHandle:
         self.shutdown_requested.set()
 
 
-def default_engines() -> dict[str, VoiceEngine]:
-    from tts_streamer.adapters.espeak import EspeakEngine
+def engines_from_environment() -> tuple[dict[str, VoiceEngine], dict[str, str]]:
+    """The offline voice always; cloud voices whose credentials are configured; a fallback chain."""
+    from tts_streamer.adapters.engines import build_engines
 
-    return {"espeak": EspeakEngine()}
+    return build_engines(os.environ)
 
 
 async def run_daemon(
@@ -127,7 +129,12 @@ async def run_daemon(
     handle_signals: bool = True,
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    engines = dict(engines) if engines is not None else default_engines()
+    unavailable: dict[str, str] = {}
+    if engines is None:
+        engines, unavailable = engines_from_environment()
+    engines = dict(engines)
+    for vendor, reason in sorted(unavailable.items()):
+        log.warning("voice %s unavailable: %s", vendor, reason)
     if config.default_engine not in engines:
         # A startup error naming the variable (exit 2 from `serve`), not a traceback from the supervisor.
         raise ConfigError(f"DEFAULT_ENGINE={config.default_engine!r}: not one of {sorted(engines)}")
@@ -140,7 +147,7 @@ async def run_daemon(
         max_text_bytes=config.max_text_bytes,
     )
     metrics = Metrics()
-    readiness = Readiness()
+    readiness = Readiness(vendors_unavailable=unavailable)
     async with trio.open_nursery() as root:
         if handle_signals:
             await root.start(serve_shutdown_signals, shutdown)

@@ -37,6 +37,8 @@ class Readiness:
 
     command_plane_connected: bool = False
     draining: bool = False
+    # Detail, not a readiness failure: requests for these fall back to another voice.
+    vendors_unavailable: dict[str, str] = attrs.field(factory=dict)
 
     def reasons(self, supervisor: Supervisor | None = None) -> list[str]:
         """Why the daemon is not ready (empty when it is); stable codes for probes and dashboards."""
@@ -294,9 +296,10 @@ def health_routes(
 
     async def ready(_request: HttpRequest) -> HttpResponse:
         reasons = readiness.reasons(supervisor)
+        detail = {"vendors_unavailable": readiness.vendors_unavailable}
         if reasons:
-            return HttpResponse.json(503, {"ready": False, "reasons": reasons})
-        return HttpResponse.json(200, {"ready": True, "reasons": []})
+            return HttpResponse.json(503, {"ready": False, "reasons": reasons, **detail})
+        return HttpResponse.json(200, {"ready": True, "reasons": [], **detail})
 
     async def scrape(_request: HttpRequest) -> HttpResponse:
         body, content_type = metrics.render()
