@@ -47,7 +47,11 @@ def _serve() -> int:
         print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, pod_id=config.pod_id, json=config.log_format == "json")
-    trio.run(run_daemon, config)
+    try:
+        trio.run(run_daemon, config)
+    except ConfigError as exc:  # settings only checkable against what the daemon has (DEFAULT_ENGINE)
+        print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
