@@ -319,3 +319,24 @@ async def test_vendor_first_audio_latency_is_reported(nursery, autojump_clock):
         started = await sink.wait_for(ev.PlayStarted, "c1")
     assert first.vendor == "synthetic" and first.seconds == pytest.approx(0.25)
     assert sink.time_of(started) >= sink.time_of(first)
+
+
+async def test_a_finished_message_still_playing_is_reported_cut_when_a_flush_comes(nursery, autojump_clock):
+    sim = AsteriskSimulator(seed=17)
+    sim.expect("c1")
+    async with open_sim_supervisor(sim, engine(speed=2.0), nursery) as (sup, sink):
+        await sup.start_session("c1", media_uri("c1"))
+        await sup.call("c1", SayInit("m1"))
+        await sup.call("c1", SayAdd(THREE_SECONDS))
+        await sup.call("c1", SayFinish())  # m1 is finished but will play for 3 s
+        await sup.call("c1", SayInit("m2"))
+        await sup.call("c1", SayAdd("second message"))
+        await sink.wait_for(ev.PlayStarted, "c1")
+        await trio.sleep(0.5)
+        await sup.call("c1", SayFlush())
+        flushed_at = trio.current_time()
+        with trio.fail_after(10):  # virtual seconds: before the fix m1 was only reported at stop
+            first = await sink.wait_for(ev.PlayFinished, "c1", where=lambda e: e.message_id == "m1")
+        assert sink.time_of(first) == flushed_at  # reported at the flush, not when the call stops
+        assert not first.completed and first.flushes == 1
+        assert sup.get("c1").message_id == "m2"  # the flush keeps the current message open
