@@ -47,13 +47,14 @@ async def test_health_endpoints(nursery, autojump_clock):
         status, headers, body = await daemon.http_get("/health/live")
         assert (status, body) == (200, b"ok\n")
         status, headers, body = await daemon.http_get("/health/ready")
-        assert status == 200 and json.loads(body) == {"ready": True, "reasons": []}
+        assert status == 200 and json.loads(body) == {"ready": True, "reasons": [], "vendors_unavailable": {}}
         assert headers["content-type"] == "application/json"
         daemon.readiness.command_plane_connected = False
         status, _, body = await daemon.http_get("/health/ready")
         assert status == 503 and json.loads(body) == {
             "ready": False,
             "reasons": ["command_plane_disconnected"],
+            "vendors_unavailable": {},
         }
         daemon.readiness.command_plane_connected = True
         await daemon.supervisor.stop_all("shutdown", grace=1.0)  # what SIGTERM does: stop accepting

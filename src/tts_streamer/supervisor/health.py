@@ -65,6 +65,7 @@ class HttpRequest:
     query: str
     headers: tuple[tuple[str, str], ...]  # names lower-cased
     body: bytes = b""
+    target: str = ""  # the request target as sent (not decoded), for handlers that decode it themselves
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -105,17 +106,22 @@ class _Close(Exception):
 
 
 class HttpServer:
-    """Routes are ``{(method, path): handler}``; HEAD uses the GET handler without sending the body."""
+    """Routes are ``{(method, path): handler}``; HEAD uses the GET handler without sending the body.
+
+    ``fallback`` answers every path no route names (any method, HEAD included); without it they are 404.
+    """
 
     def __init__(
         self,
         routes: Mapping[tuple[str, str], Handler],
         *,
+        fallback: Handler | None = None,
         timeouts: HttpTimeouts = HttpTimeouts(),
         max_body_bytes: int = 65536,
         max_connections: int = 64,
     ) -> None:
         self.routes = dict(routes)
+        self.fallback = fallback
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
@@ -197,6 +203,8 @@ class HttpServer:
     async def _respond_to(self, request: HttpRequest) -> HttpResponse:
         method = "GET" if request.method == "HEAD" else request.method
         handler = self.routes.get((method, request.path))
+        if handler is None and self.fallback is not None and all(p != request.path for _m, p in self.routes):
+            handler = self.fallback
         if handler is None:
             if any(path == request.path for _method, path in self.routes):
                 allowed = sorted({m for m, p in self.routes if p == request.path} | {"HEAD"})
@@ -219,7 +227,8 @@ class HttpServer:
     ) -> None:
         headers = [("server", SERVER_NAME.decode()), ("content-type", response.content_type)]
         headers += response.headers
-        if isinstance(response.body, bytes):
+        # A handler may set the length itself (e.g. HEAD of a file, whose body it does not produce).
+        if isinstance(response.body, bytes) and not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("content-length", str(len(response.body))))
         await self._send(conn, stream, _response_head(response.status, headers))
         if request.method != "HEAD":
@@ -227,9 +236,16 @@ class HttpServer:
                 if response.body:
                     await self._send(conn, stream, h11.Data(data=response.body))
             else:
-                async for chunk in response.body:
-                    if chunk:
-                        await self._send(conn, stream, h11.Data(data=chunk))
+                try:
+                    async for chunk in response.body:
+                        if chunk:
+                            await self._send(conn, stream, h11.Data(data=chunk))
+                except _Close:
+                    raise
+                except Exception:
+                    # The head is out: a body that fails midway can only be cut off.
+                    log.exception("http: %s %s: response body failed", request.method, request.path)
+                    raise _Close from None
         await self._send(conn, stream, h11.EndOfMessage())
 
     async def _send_error(
@@ -281,6 +297,7 @@ def _to_request(head: h11.Request, body: bytes) -> HttpRequest:
             (name.decode("ascii", "replace"), value.decode("latin-1")) for name, value in head.headers
         ),
         body=body,
+        target=target,
     )
 
 

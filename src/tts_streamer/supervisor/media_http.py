@@ -1,7 +1,7 @@
 """Serves the speeches media directory over HTTP (GET/HEAD, single byte ranges), on its own port.
 
-The health server (supervisor/health.py) routes exact paths only, so the files get this small h11 server
-of their own. Asterisk fetches ``sound:http://<pod>/<sha1>.wav`` through it (res_http_media_cache).
+It is the daemon's h11 server (supervisor/health.py) with one fallback handler for every path; Asterisk
+fetches ``sound:http://<pod>/<sha1>.wav`` through it (res_http_media_cache).
 
 Only names directly in the directory are served: a path with more than one segment, a ``.`` or ``..``
 segment (also percent-encoded), a backslash, a NUL, a hidden name, or anything that resolves outside the
@@ -12,34 +12,23 @@ bounded: idle keep-alive, receiving a request, each write; a client that stops r
 from __future__ import annotations
 
 import email.utils
-import http
 import logging
 import os
 import stat
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Final
 
 import attrs
-import h11
 import trio
 
-from tts_streamer.supervisor.serving import serve_stream_listeners
+from tts_streamer.supervisor.health import HttpRequest, HttpResponse, HttpServer, HttpTimeouts
 
 log = logging.getLogger(__name__)
 
-SERVER: Final = "tts-streamer"
 CONTENT_TYPES: Final = {".wav": "audio/wav"}
 CHUNK: Final = 65536
-_RECEIVE: Final = 16384
-
-
-@attrs.frozen
-class MediaHttpTimeouts:
-    idle: float = 30.0  # a kept-alive connection waiting for its next request
-    request: float = 10.0  # from a request's first byte to its end
-    write: float = 10.0  # each write to the client
 
 
 @attrs.frozen
@@ -127,197 +116,72 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, min(last, size - 1)
 
 
-class _Close(Exception):
-    """End this connection."""
-
-
-@attrs.frozen
-class _Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    file: FileInfo | None = None
-    span: tuple[int, int] | None = None  # inclusive byte range of ``file`` to send
-    body: bytes = b""
-
-
 class MediaHttpServer:
     def __init__(
         self,
         root: str | os.PathLike[str],
         *,
         on_access: Callable[[str], object] | None = None,
-        timeouts: MediaHttpTimeouts = MediaHttpTimeouts(),
+        timeouts: HttpTimeouts = HttpTimeouts(),
         max_connections: int = 64,
     ) -> None:
         self.root = Path(root)
-        self.timeouts = timeouts
-        self.max_connections = max_connections
         self.served = 0
         self._on_access = on_access
         self._limiter = trio.CapacityLimiter(4)
+        self._server = HttpServer(
+            {}, fallback=self.answer, timeouts=timeouts, max_body_bytes=0, max_connections=max_connections
+        )
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await serve_stream_listeners(
-            listeners, self.handle_connection, name="media-http", max_connections=self.max_connections
-        )
+        await self._server.serve(host or "", port, task_status=task_status)
 
-    async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+    async def answer(self, request: HttpRequest) -> HttpResponse:
+        base = (("accept-ranges", "bytes"),)
+        if request.method not in ("GET", "HEAD"):
+            return HttpResponse(405, b"method not allowed\n", headers=(*base, ("allow", "GET, HEAD")))
         try:
-            while True:
-                request = await self._receive_request(conn, stream)
-                if request is None:
-                    return
-                reply = await self._answer(request)
-                await self._send_reply(conn, stream, request, reply)
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
-        except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._send_simple(conn, stream, exc.error_status_hint, close=True)
-        except (_Close, h11.LocalProtocolError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    async def _receive_request(self, conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
-        begun = bool(conn.trailing_data[0])
-        deadline = trio.current_time() + (self.timeouts.request if begun else self.timeouts.idle)
-        head: h11.Request | None = None
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                with trio.move_on_at(deadline):
-                    try:
-                        data = await stream.receive_some(_RECEIVE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        raise _Close from None
-                    if data and not begun:
-                        begun = True
-                        deadline = trio.current_time() + self.timeouts.request
-                    conn.receive_data(bytes(data))
-                    continue
-                if not begun:
-                    raise _Close  # idle keep-alive connection
-                raise h11.RemoteProtocolError("request timed out", error_status_hint=408)
-            if isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.EndOfMessage):
-                return head
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            # h11.Data: a body on GET/HEAD means nothing to us; it is read and dropped.
-
-    async def _answer(self, request: h11.Request) -> _Reply:
-        method = request.method.decode("ascii", "replace")
-        base = [("server", SERVER), ("accept-ranges", "bytes")]
-        if method not in ("GET", "HEAD"):
-            return _Reply(405, [*base, ("allow", "GET, HEAD")], body=b"method not allowed\n")
-        target = request.target.decode("latin-1")
-        try:
-            info = await trio.to_thread.run_sync(resolve, self.root, target, limiter=self._limiter)
+            info = await trio.to_thread.run_sync(resolve, self.root, request.target, limiter=self._limiter)
         except UnicodeDecodeError:
             info = None
         if info is None:
-            return _Reply(404, base, body=b"not found\n")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        common = [
-            *base,
-            ("content-type", info.content_type),
-            ("last-modified", info.last_modified),
-            ("etag", info.etag),
-        ]
-        range_header = headers.get("range")
-        if_range = headers.get("if-range")
+            return HttpResponse(404, b"not found\n", headers=base)
+        common = (*base, ("last-modified", info.last_modified), ("etag", info.etag))
+        range_header = request.header("range")
+        if_range = request.header("if-range")
         if if_range is not None and if_range.strip() not in (info.etag, info.last_modified):
             range_header = None  # the client's copy is stale: send the whole new file
         try:
             span = parse_range(range_header, info.size)
         except Unsatisfiable:
-            return _Reply(416, [*base, ("content-range", f"bytes */{info.size}")], body=b"")
-        if self._on_access is not None and method == "GET":
+            return HttpResponse(416, b"", headers=(*base, ("content-range", f"bytes */{info.size}")))
+        if self._on_access is not None and request.method == "GET":
             await trio.to_thread.run_sync(self._on_access, info.name, limiter=self._limiter)
-        if span is None:
-            return _Reply(200, common, file=info, span=(0, info.size - 1) if info.size else None)
-        first, last = span
-        return _Reply(
-            206, [*common, ("content-range", f"bytes {first}-{last}/{info.size}")], file=info, span=span
-        )
-
-    async def _send_reply(
-        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, reply: _Reply
-    ) -> None:
-        length = (reply.span[1] - reply.span[0] + 1) if reply.span is not None else len(reply.body)
-        if reply.file is not None and reply.span is None:
-            length = 0  # an empty file
-        headers = [*reply.headers, ("content-length", str(length))]
-        if reply.file is None:
-            headers.append(("content-type", "text/plain; charset=utf-8"))
-        await self._send(conn, stream, _head(reply.status, headers))
-        if request.method != b"HEAD":
-            if reply.file is not None and reply.span is not None:
-                await self._send_file(conn, stream, reply.file.path, *reply.span)
-            elif reply.body:
-                await self._send(conn, stream, h11.Data(data=reply.body))
-        await self._send(conn, stream, h11.EndOfMessage())
         self.served += 1
-
-    async def _send_file(
-        self, conn: h11.Connection, stream: trio.abc.Stream, path: Path, first: int, last: int
-    ) -> None:
-        try:
-            file = await trio.open_file(path, "rb")
-        except OSError:
-            raise _Close from None  # removed (evicted) since it was resolved: nothing sane to send
-        async with file:
-            await file.seek(first)
-            left = last - first + 1
-            while left > 0:
-                chunk = await file.read(min(CHUNK, left))
-                if not chunk:
-                    raise _Close  # the file shrank under us: the length we announced is now a lie
-                left -= len(chunk)
-                await self._send(conn, stream, h11.Data(data=chunk))
-
-    async def _send_simple(
-        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, *, close: bool = False
-    ) -> None:
-        body = f"{status}\n".encode()
-        headers = [
-            ("server", SERVER),
-            ("content-type", "text/plain; charset=utf-8"),
-            ("content-length", str(len(body))),
-        ]
-        if close:
-            headers.append(("connection", "close"))
-        try:
-            await self._send(conn, stream, _head(status, headers))
-            await self._send(conn, stream, h11.Data(data=body))
-            await self._send(conn, stream, h11.EndOfMessage())
-        except (_Close, h11.LocalProtocolError):
-            pass
-
-    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: h11.Event) -> None:
-        data = conn.send(event)
-        if not data:
-            return
-        with trio.move_on_after(self.timeouts.write):
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _Close from None
-            return
-        raise _Close
+        status, extra = 200, tuple[tuple[str, str], ...]()
+        if span is None:
+            span = (0, info.size - 1)
+        else:
+            status, extra = 206, (("content-range", f"bytes {span[0]}-{span[1]}/{info.size}"),)
+        length = span[1] - span[0] + 1
+        if length <= 0 or request.method == "HEAD":
+            body: bytes | AsyncIterator[bytes] = b""
+        else:
+            body = _read_span(info.path, *span)
+        headers = (*common, *extra, ("content-length", str(length)))
+        return HttpResponse(status, body, info.content_type, headers)
 
 
-def _head(status: int, headers: list[tuple[str, str]]) -> h11.Response:
-    try:
-        reason = http.HTTPStatus(status).phrase
-    except ValueError:
-        reason = ""
-    return h11.Response(status_code=status, headers=headers, reason=reason)
+async def _read_span(path: Path, first: int, last: int) -> AsyncIterator[bytes]:
+    """The bytes ``first..last`` of ``path``; fails (cutting the response) if the file changed under us."""
+    async with await trio.open_file(path, "rb") as file:
+        await file.seek(first)
+        left = last - first + 1
+        while left > 0:
+            chunk = await file.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"{path.name} shrank while being sent")
+            left -= len(chunk)
+            yield chunk
