@@ -48,3 +48,32 @@ async def test_stop_completes_the_close_handshake_while_caller_audio_flows(calle
                 await call.ended.wait()
             assert call.closed_code == 1000 and call.hangup_by == "client_close"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_start_cancelled_by_the_callers_deadline_returns_promptly_and_still_closes() -> None:
+    from tts_streamer.fakes.asterisk import SimConfig
+
+    sim = AsteriskSimulator(SimConfig(never_send_media_start=True), accept_any=True)
+    engine = SyntheticEngine()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
+            async with open_supervisor(
+                engines={"synthetic": engine},
+                default_engine="synthetic",
+                dialer=websocket_dialer(),
+                events=RecordingSink(),
+                config=SessionConfig(),  # close timeout 2 s, MEDIA_START timeout 5 s
+            ) as supervisor:
+                started = trio.current_time()
+                with trio.move_on_after(0.5):  # a caller's budget, like an AMQP create's
+                    await supervisor.start_session("c1", f"ws://127.0.0.1:{port}/media/c1")
+                elapsed = trio.current_time() - started
+                # Before: 0.5 s + the full 2 s close timeout, as trio-websocket's reader was cancelled too.
+                assert elapsed < 1.0, elapsed
+                assert list(supervisor) == []
+            call = sim.calls["c1"]
+            with trio.fail_after(2):
+                await call.ended.wait()
+            assert call.hung_up
+            nursery.cancel_scope.cancel()

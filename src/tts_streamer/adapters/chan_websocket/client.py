@@ -10,6 +10,7 @@ bounded scope, which is what hangs up the external-media leg.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -193,6 +194,17 @@ def _single_media_error(group: BaseExceptionGroup[BaseException]) -> MediaSocket
     return first_of(group, MediaSocketError)
 
 
+# When we close because a caller's deadline cancelled us (e.g. a create overrunning its budget), the
+# cancellation also reached trio-websocket's own reader: Asterisk's close reply can never be read, so
+# the close frame goes out (Asterisk hangs up on it) and we wait only this long, not the close timeout.
+CANCELLED_CLOSE_WAIT = 0.05
+
+
+def _close_wait(timeouts: MediaTimeouts) -> float:
+    cancelled = trio.current_effective_deadline() == -math.inf
+    return min(timeouts.close, CANCELLED_CLOSE_WAIT) if cancelled else timeouts.close
+
+
 async def _close_draining(ws: trio_websocket.WebSocketConnection) -> None:
     """Send a normal close (1000) and read until the handshake completes (no-op if already closed)."""
 
@@ -245,7 +257,8 @@ async def open_media_connection(
                         # its own drain: with unread caller audio queued, trio-websocket would never
                         # see Asterisk's close reply and would wait out the timeout.
                         conn.closing = True
-                        with trio.CancelScope(shield=True), trio.move_on_after(timeouts.close):
+                        wait = _close_wait(timeouts)  # before the shield, which hides cancellation
+                        with trio.CancelScope(shield=True), trio.move_on_after(wait):
                             await _close_draining(ws)
                         nursery.cancel_scope.cancel(reason="media connection closed")
             except trio.TooSlowError:
@@ -256,7 +269,8 @@ async def open_media_connection(
                 raise _closed(exc) from None
             finally:
                 # Cancelling inside open_websocket_url would make Asterisk see 1006; close cleanly.
-                with trio.CancelScope(shield=True), trio.move_on_after(timeouts.close):
+                wait = _close_wait(timeouts)  # before the shield, which hides cancellation
+                with trio.CancelScope(shield=True), trio.move_on_after(wait):
                     await _close_draining(ws)
     except BaseExceptionGroup as group:
         single = _single_media_error(group)
