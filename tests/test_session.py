@@ -234,9 +234,11 @@ async def test_vendor_failure_is_reported_and_the_next_utterance_speaks(nursery,
         assert error.kind == "vendor_injected"
         finished = await sink.wait_for(ev.PlayFinished, "c1")
         assert finished.frames_sent == 10  # what the vendor produced before failing still played
+        assert not finished.completed  # the rest of its text was never spoken
         eng.fail_after_bytes = None
         await speak(sup, "c1", "second")
-        await sink.wait_for(ev.PlayFinished, "c1", where=lambda e: e.text == "second")
+        second = await sink.wait_for(ev.PlayFinished, "c1", where=lambda e: e.text == "second")
+        assert second.completed
     assert len([f for f in call.played if f.data[0] == fill_byte("second")]) == 30
 
 

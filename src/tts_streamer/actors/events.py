@@ -24,7 +24,8 @@ class PlayStarted:
 
 @attrs.frozen
 class PlayFinished:
-    """The message is over: played out to its end (``completed``), or ended by a flush that ended it."""
+    """The message is over. ``completed``: it was finished and everything said for it played to its end
+    (not cut by a flush, no vendor failure)."""
 
     call_id: str
     message_id: str

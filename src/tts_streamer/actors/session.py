@@ -67,6 +67,7 @@ class MessageState:
     flushes: int = 0
     play_started: bool = False
     finishing: bool = False
+    vendor_failed: bool = False  # some of its text was never spoken
 
 
 class Session:
@@ -295,7 +296,7 @@ class Session:
                 len(message.texts),
                 message.frames_sent,
                 message.flushes,
-                completed=message.finishing and not cut,
+                completed=message.finishing and not cut and not message.vendor_failed,
             )
         )
 
@@ -324,6 +325,9 @@ class Session:
         self._emit(ev.VendorFirstAudio(self.call_id, self.engine.name, seconds))
 
     def on_vendor_error(self, utterance: int, error: VoiceError) -> None:
+        message = self._utterance_message.get(utterance)
+        if message is not None:
+            message.vendor_failed = True
         if self._open_utterance == utterance:
             self._open_utterance = None
         self._emit(ev.SessionError(self.call_id, f"{self.engine.name}: {error}", f"vendor_{error.kind}"))
