@@ -136,6 +136,11 @@ async def test_slow_call_manager_create_fails_within_the_budget() -> None:
             assert elapsed < 3.0  # callers give up at 3 s; we answer before that
             sid = (await rig.caller.wait_event(EventType.STREAMING_CREATED)).data["id"]
             await rig.caller.wait_event(EventType.STREAMING_DELETED, by_streaming(sid))
+            # call-manager finishes the abandoned create later (3.5 s): it must not be left behind.
+            with trio.fail_after(15):
+                while uuid.UUID(sid) not in rig.call_manager.deleted:  # noqa: ASYNC110 (a fake's state)
+                    await trio.sleep(0.1)
+            assert uuid.UUID(sid) in rig.call_manager.created
 
 
 async def test_unknown_routes_and_ids() -> None:

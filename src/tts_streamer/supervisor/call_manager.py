@@ -21,9 +21,11 @@ CALL_MANAGER_QUEUE = "bin-manager.call-manager.request"
 class CallManagerError(Exception):
     """call-manager refused or failed; ``response`` is what to relay to our own caller."""
 
-    def __init__(self, message: str, response: Response) -> None:
+    def __init__(self, message: str, response: Response, *, unanswered: bool = False) -> None:
         super().__init__(message)
         self.response = response
+        # No answer came: call-manager may still be doing (and later finish) what was asked.
+        self.unanswered = unanswered
 
 
 class CallManager:
@@ -53,10 +55,15 @@ class CallManager:
                 raw = await self._bridge.rpc(CALL_MANAGER_QUEUE, envelope.render_request(request))
         except trio.TooSlowError:
             raise CallManagerError(
-                f"no reply from call-manager within {self._timeout} s", envelope.plain_error(500)
+                f"no reply from call-manager within {self._timeout} s",
+                envelope.plain_error(500),
+                unanswered=True,
             ) from None
         except AmqpUnavailable as exc:
-            raise CallManagerError(f"call-manager unreachable: {exc}", envelope.plain_error(500)) from None
+            # The request may or may not have reached call-manager before the broker went away.
+            raise CallManagerError(
+                f"call-manager unreachable: {exc}", envelope.plain_error(500), unanswered=True
+            ) from None
         try:
             reply = envelope.parse_response(raw)
         except WireError as exc:

@@ -40,6 +40,8 @@ from tts_streamer.supervisor.sessions import Supervisor
 
 log = logging.getLogger(__name__)
 
+REAP_DELAYS = (1.0, 3.0, 10.0)  # seconds between DELETEs of an external media whose create was abandoned
+
 
 def bad_request(reason: str, status_code: int = 500) -> Response:
     """Go answers undecodable streaming bodies with 500; we keep the code and add a reason."""
@@ -165,6 +167,7 @@ class StreamingService:
         self.streamings[streaming_id] = state
         self._event(EventType.STREAMING_CREATED, model)
         media_created = False
+        call_manager_unanswered = True  # until it answers, it may still create the external media
         failure: Response = envelope.plain_error(500)
         with trio.move_on_after(self._create_timeout) as budget:
             try:
@@ -182,7 +185,7 @@ class StreamingService:
                         direction_speak=request.direction,
                     ),
                 )
-                media_created = True
+                media_created, call_manager_unanswered = True, False
                 voice = VoiceSpec(
                     language=request.language or "en-US", gender=request.gender, voice_id=voice_id
                 )
@@ -193,6 +196,7 @@ class StreamingService:
             except CallManagerError as exc:
                 log.warning("streaming=%s create failed at call-manager: %s", streaming_id, exc)
                 failure = exc.response
+                call_manager_unanswered = exc.unanswered
             except (SessionStartError, CommandError) as exc:
                 log.warning("streaming=%s create failed at the media socket: %s", streaming_id, exc)
         if budget.cancelled_caught:
@@ -200,9 +204,28 @@ class StreamingService:
         # Roll back whatever was done: no orphaned external media, nothing left in memory.
         if media_created:
             await stop_external_media_quietly(self._call_manager, streaming_id)
+        elif call_manager_unanswered:
+            self._nursery.start_soon(self._reap_late_external_media, streaming_id)
         if state.session is None:
             self._end(streaming_id, "create_failed")
         return failure
+
+    async def _reap_late_external_media(self, streaming_id: uuid.UUID) -> None:
+        """A create abandoned before call-manager answered may still complete there: delete it then.
+
+        A DELETE that comes before the late create only gets call-manager's 500, so retry a few
+        times over the span in which call-manager's own work (ARI, up to 10 s) can finish.
+        """
+        for delay in REAP_DELAYS:
+            await trio.sleep(delay)
+            try:
+                await self._call_manager.delete_external_media(streaming_id)
+            except CallManagerError:
+                continue  # not there (yet), or call-manager unreachable: try again later
+            log.info(
+                "streaming=%s external media created after its create was abandoned: deleted", streaming_id
+            )
+            return
 
     async def get(self, streaming_id: uuid.UUID) -> Response:
         state = self.streamings.get(streaming_id)
