@@ -24,6 +24,9 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+reliability: $(STAMP)
+	$(BIN)/python -m tests.reliability.run
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
