@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test lint bench clean
+.PHONY: all demo test lint bench reliability clean
 
 all: test
 

@@ -342,3 +342,32 @@ async def test_a_finished_message_still_playing_is_reported_cut_when_a_flush_com
         assert sink.time_of(first) == flushed_at  # reported at the flush, not when the call stops
         assert not first.completed and first.flushes == 1
         assert sup.get("c1").message_id == "m2"  # the flush keeps the current message open
+
+
+async def test_events_say_which_vendor_spoke_and_when_the_chain_fell_over(nursery, autojump_clock):
+    from tts_streamer.adapters.fallback import FallbackEngine
+
+    sim = AsteriskSimulator(seed=18)
+    call = sim.expect("c1")
+    broken = SyntheticEngine(name="first", seconds_per_char=0.1, fail_after_bytes=0)
+    backup = SyntheticEngine(name="second", seconds_per_char=0.1)
+    chain = FallbackEngine([broken, backup])
+    async with open_sim_supervisor(sim, chain, nursery) as (sup, sink):
+        await sup.start_session("c1", media_uri("c1"))
+        await speak(sup, "c1", "spoken by the backup")
+        finished = await sink.wait_for(ev.PlayFinished, "c1")
+    (fallback,) = sink.of(ev.VoiceFallback, "c1")
+    assert (fallback.from_vendor, fallback.to_vendor, fallback.resumed_at) == ("first", "second", 0)
+    assert finished.spoken_by == ("second",) and finished.completed
+    assert len([f for f in call.played if f.data[0] == fill_byte("spoken by the backup")]) == 100
+    assert broken.open_streams == backup.open_streams == 0
+
+
+async def test_a_plain_engine_is_named_as_the_speaker(nursery, autojump_clock):
+    sim = AsteriskSimulator(seed=19)
+    sim.expect("c1")
+    async with open_sim_supervisor(sim, engine(), nursery) as (sup, sink):
+        await sup.start_session("c1", media_uri("c1"))
+        await speak(sup, "c1", "hello")
+        finished = await sink.wait_for(ev.PlayFinished, "c1")
+    assert finished.spoken_by == ("synthetic",) and sink.of(ev.VoiceFallback) == []

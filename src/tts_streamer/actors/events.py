@@ -34,6 +34,7 @@ class PlayFinished:
     frames_sent: int
     flushes: int
     completed: bool = True
+    spoken_by: tuple[str, ...] = ()  # the vendors that spoke the message, in order
 
 
 @attrs.frozen
@@ -43,6 +44,17 @@ class VendorFirstAudio:
     call_id: str
     vendor: str
     seconds: float
+
+
+@attrs.frozen
+class VoiceFallback:
+    """A vendor failed inside an utterance and the next one took over (``to_vendor`` None: none left)."""
+
+    call_id: str
+    from_vendor: str
+    to_vendor: str | None
+    kind: str
+    resumed_at: int  # index of the first sentence the next vendor speaks
 
 
 @attrs.frozen
@@ -67,7 +79,16 @@ class Stopped:
     reason: str
 
 
-SessionEvent = Initiated | PlayStarted | PlayFinished | VendorFirstAudio | Flushed | SessionError | Stopped
+SessionEvent = (
+    Initiated
+    | PlayStarted
+    | PlayFinished
+    | VendorFirstAudio
+    | VoiceFallback
+    | Flushed
+    | SessionError
+    | Stopped
+)
 
 
 class EventSink(Protocol):

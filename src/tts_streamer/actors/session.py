@@ -13,6 +13,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -68,6 +69,7 @@ class MessageState:
     play_started: bool = False
     finishing: bool = False
     vendor_failed: bool = False  # some of its text was never spoken
+    spoken_by: list[str] = attrs.field(factory=list)
 
 
 class Session:
@@ -297,6 +299,7 @@ class Session:
                 message.frames_sent,
                 message.flushes,
                 completed=message.finishing and not cut and not message.vendor_failed,
+                spoken_by=tuple(message.spoken_by),
             )
         )
 
@@ -323,6 +326,21 @@ class Session:
 
     def on_first_audio(self, utterance: int, seconds: float) -> None:
         self._emit(ev.VendorFirstAudio(self.call_id, self.engine.name, seconds))
+
+    def on_vendors_spoke(self, utterance: int, vendors: tuple[str, ...], switches: tuple[Any, ...]) -> None:
+        message = self._utterance_message.get(utterance)
+        if message is not None:
+            message.spoken_by.extend(v for v in vendors if v not in message.spoken_by)
+        for switch in switches:
+            self._emit(
+                ev.VoiceFallback(
+                    self.call_id,
+                    str(getattr(switch, "from_vendor", "")),
+                    getattr(switch, "to_vendor", None),
+                    str(getattr(switch, "kind", "")),
+                    int(getattr(switch, "resumed_at", 0)),
+                )
+            )
 
     def on_vendor_error(self, utterance: int, error: VoiceError) -> None:
         message = self._utterance_message.get(utterance)

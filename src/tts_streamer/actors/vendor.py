@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -39,6 +39,10 @@ class VendorListener(Protocol):
     def on_vendor_error(self, utterance: int, error: VoiceError) -> None: ...
 
     def on_first_audio(self, utterance: int, seconds: float) -> None: ...
+
+    def on_vendors_spoke(self, utterance: int, vendors: tuple[str, ...], switches: tuple[Any, ...]) -> None:
+        """``switches``: the stream's fall-over records (from_vendor, to_vendor, kind, resumed_at...)."""
+        ...
 
 
 class Vendor:
@@ -115,17 +119,28 @@ class Vendor:
         utterance = first.utterance
         opened_at = trio.current_time()
         first_audio = True
-        async with self.engine.open_stream(self.voice) as stream, trio.open_nursery() as nursery:
-            await stream.send_text(first.text)
-            nursery.start_soon(self._feed, stream, utterance, name=f"{self.name}-feed[{utterance}]")
-            async with aclosing(stream.audio()) as chunks:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    if first_audio:
-                        first_audio = False
-                        self._listener.on_first_audio(utterance, trio.current_time() - opened_at)
-                    await self._audio_out.send(AudioChunk(utterance, chunk))
+        async with self.engine.open_stream(self.voice) as stream:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await stream.send_text(first.text)
+                    nursery.start_soon(self._feed, stream, utterance, name=f"{self.name}-feed[{utterance}]")
+                    async with aclosing(stream.audio()) as chunks:
+                        async for chunk in chunks:
+                            if not chunk:
+                                continue
+                            if first_audio:
+                                first_audio = False
+                                self._listener.on_first_audio(utterance, trio.current_time() - opened_at)
+                            await self._audio_out.send(AudioChunk(utterance, chunk))
+            finally:
+                # Which vendors spoke (a fallback chain may have switched mid-utterance); engines
+                # that do not say are taken to have spoken if they produced audio.
+                spoken_by = getattr(stream, "spoken_by", None)
+                if spoken_by is None:
+                    spoken_by = [] if first_audio else [self.engine.name]
+                self._listener.on_vendors_spoke(
+                    utterance, tuple(spoken_by), tuple(getattr(stream, "switches", ()))
+                )
         await self._audio_out.send(UtteranceEnd(utterance))
 
     async def _feed(self, stream: VoiceStream, utterance: int) -> None:

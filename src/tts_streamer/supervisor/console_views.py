@@ -21,6 +21,7 @@ EVENT_NAMES: dict[type[ev.SessionEvent], str] = {
     ev.PlayStarted: "play_started",
     ev.PlayFinished: "play_finished",
     ev.VendorFirstAudio: "vendor_first_audio",
+    ev.VoiceFallback: "voice_fallback",
     ev.Flushed: "flushed",
     ev.SessionError: "error",
     ev.Stopped: "stopped",
