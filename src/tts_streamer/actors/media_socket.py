@@ -47,6 +47,10 @@ class PacingConfig:
     bridge_timeout: float = 0.5
     # "auto": use MARK_MEDIA for real playout acknowledgement when the call speaks JSON control.
     use_marks: str = "auto"
+    # "absolute" is the only production mode. "sleep_after_write" exists for benchmarks only, as the
+    # baseline `make bench` compares against: after each write it sleeps one ptime per frame written
+    # (the way the Go service being replaced paces), so write time and late wake-ups become drift.
+    mode: str = "absolute"
 
     def __attrs_post_init__(self) -> None:
         if self.lead_frames < 0 or self.lead_frames >= protocol.XOFF_FRAMES // 2:
@@ -55,6 +59,8 @@ class PacingConfig:
             raise ValueError("frames_per_message must be at least 1")
         if self.use_marks not in {"auto", "always", "never"}:
             raise ValueError(f"use_marks must be auto, always or never: {self.use_marks!r}")
+        if self.mode not in {"absolute", "sleep_after_write"}:
+            raise ValueError(f"mode must be absolute or sleep_after_write: {self.mode!r}")
 
 
 @attrs.frozen
@@ -175,6 +181,9 @@ class MediaSocket:
                     await self._conn.bridged.wait()
             if self._conn.paused:
                 await self._conn.wait_resumed()
+            if self._config.mode == "sleep_after_write":
+                await self._pace_after_write()
+                continue
             now = trio.current_time()
             if self._t0 is None or now >= self._t0 + self._n * self._ptime:
                 # Asterisk's queue has (by our clock) run dry: start a new timeline with a fresh lead.
@@ -190,6 +199,19 @@ class MediaSocket:
                 if self._wake_scope.cancelled_caught:
                     continue  # flushed while waiting: start over with what is left
             await self._send_due(max(deadline, self._t0))
+
+    async def _pace_after_write(self) -> None:
+        """Benchmark baseline: write what is due, then sleep one ptime per frame beyond the lead."""
+        if self._t0 is None:
+            self._t0 = trio.current_time()
+        sent_before = self._n
+        # Lateness is still recorded against the absolute slot, so the sender's stats show the drift.
+        await self._send_due(self._t0 + max(0, self._n - self._config.lead_frames) * self._ptime)
+        beyond_lead = self._n - max(sent_before, self._config.lead_frames)
+        if beyond_lead > 0:
+            self._wake_scope = trio.CancelScope()
+            with self._wake_scope:
+                await trio.sleep(beyond_lead * self._ptime)
 
     async def _next_item(self) -> _Frame | _End:
         while not self._queue:

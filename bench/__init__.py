@@ -1,0 +1,1 @@
+"""`make bench`: tts-streamer measured at a receiver in another process, on loopback (see bench/run.py)."""
