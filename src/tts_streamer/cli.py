@@ -39,6 +39,7 @@ def _serve() -> int:
 
     from tts_streamer.supervisor.config import ConfigError, DaemonConfig
     from tts_streamer.supervisor.daemon import run_daemon
+    from tts_streamer.supervisor.gc_tuning import tune_gc
     from tts_streamer.supervisor.logging_setup import configure_logging
 
     try:
@@ -47,6 +48,7 @@ def _serve() -> int:
         print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, pod_id=config.pod_id, json=config.log_format == "json")
+    tune_gc()
     try:
         trio.run(run_daemon, config)
     except ConfigError as exc:  # settings only checkable against what the daemon has (DEFAULT_ENGINE)

@@ -53,7 +53,7 @@ class DaemonConfig:
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
     lead_frames: int = 3
-    frames_per_message: int = 1
+    frames_per_message: int = 5  # bench/results: 1 cannot keep up past ~180 sessions per core
     media_start_timeout: float = 5.0
     admin_socket: str = ""  # empty: $XDG_RUNTIME_DIR/tts-streamer/console.sock or a per-user temp dir
     admin_host: str = ""
