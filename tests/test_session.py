@@ -371,3 +371,25 @@ async def test_a_plain_engine_is_named_as_the_speaker(nursery, autojump_clock):
         await speak(sup, "c1", "hello")
         finished = await sink.wait_for(ev.PlayFinished, "c1")
     assert finished.spoken_by == ("synthetic",) and sink.of(ev.VoiceFallback) == []
+
+
+async def test_an_unexpected_failure_while_connecting_is_a_start_error(nursery, autojump_clock):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def broken_dialer(uri):
+        raise RuntimeError("malformed handshake")
+        yield  # pragma: no cover
+
+    from tests.support import RecordingSink
+    from tts_streamer.supervisor.sessions import open_supervisor
+
+    async with open_supervisor(
+        engines={"synthetic": engine()},
+        default_engine="synthetic",
+        dialer=broken_dialer,
+        events=RecordingSink(),
+    ) as sup:
+        with pytest.raises(SessionStartError, match="malformed handshake"):
+            await sup.start_session("c1", media_uri("c1"))
+        assert list(sup) == []

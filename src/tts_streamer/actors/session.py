@@ -170,7 +170,8 @@ class Session:
             self._fail(started, group, "media_error")
         except* Exception as group:
             if not started:
-                raise
+                # e.g. a malformed handshake reply inside trio-websocket: still a failed start.
+                raise SessionStartError(f"media connection failed: {group.exceptions[0]!r}") from group
             log.exception("call=%s session crashed", self.call_id, exc_info=group)
             self._emit(ev.SessionError(self.call_id, f"internal error: {group.exceptions[0]!r}", "internal"))
             self._stop_reason = "internal_error"
