@@ -28,6 +28,7 @@ reliability: $(STAMP)
 	$(BIN)/python -m tests.reliability.run
 
 bench: $(STAMP)
+	$(BIN)/python -m bench.vendors
 	$(BIN)/python -m bench.run
 
 clean:
