@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import attrs
-import trio
 
 
 @attrs.frozen
@@ -95,17 +94,3 @@ class EventSink(Protocol):
     def emit(self, event: SessionEvent) -> None:
         """Take an event without blocking (the media path never waits on consumers)."""
         ...
-
-
-@attrs.define
-class ChannelEventSink:
-    """Puts events on a bounded memory channel; when the consumer lags, drops and counts."""
-
-    channel: trio.MemorySendChannel[SessionEvent]
-    dropped: int = 0
-
-    def emit(self, event: SessionEvent) -> None:
-        try:
-            self.channel.send_nowait(event)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            self.dropped += 1

@@ -68,10 +68,6 @@ class Vendor:
         self._lookahead: VendorItem | None = None
         self._failed = -1
 
-    @property
-    def speaking(self) -> bool:
-        return self._scope is not None
-
     async def flush(self, live_from: int) -> None:
         """Kill every utterance below ``live_from`` and return once the vendor stream is released."""
         self._live_from = live_from
