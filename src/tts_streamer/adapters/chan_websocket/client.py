@@ -95,7 +95,6 @@ class MediaConnection:
         self._resumed = trio.Event()
         self._resumed.set()
         self._mark_handlers: dict[str, Callable[[], None]] = {}
-        self.closing = False
 
     @property
     def paused(self) -> bool:
@@ -145,8 +144,6 @@ class MediaConnection:
                 else:
                     self._handle_text(message)
         except trio_websocket.ConnectionClosed as exc:
-            if self.closing:
-                return  # our own close completing
             raise _closed(exc) from None
 
     def _handle_text(self, text: str) -> None:
@@ -253,14 +250,7 @@ async def open_media_connection(
                     try:
                         yield conn
                     finally:
-                        # On stop our reader is cancelled with everything else, so the close brings
-                        # its own drain: with unread caller audio queued, trio-websocket would never
-                        # see Asterisk's close reply and would wait out the timeout.
-                        conn.closing = True
-                        wait = _close_wait(timeouts)  # before the shield, which hides cancellation
-                        with trio.CancelScope(shield=True), trio.move_on_after(wait):
-                            await _close_draining(ws)
-                        nursery.cancel_scope.cancel(reason="media connection closed")
+                        nursery.cancel_scope.cancel(reason="media connection closing")
             except trio.TooSlowError:
                 raise MediaSocketError(
                     f"no MEDIA_START within {timeouts.media_start} s from {media_uri}"
@@ -268,7 +258,9 @@ async def open_media_connection(
             except trio_websocket.ConnectionClosed as exc:
                 raise _closed(exc) from None
             finally:
-                # Cancelling inside open_websocket_url would make Asterisk see 1006; close cleanly.
+                # The one close, on every path. Cancelling inside open_websocket_url would make Asterisk
+                # see 1006, so close cleanly; our reader is gone by now, so the close brings its own
+                # drain (with unread caller audio queued, trio-websocket would never see the reply).
                 wait = _close_wait(timeouts)  # before the shield, which hides cancellation
                 with trio.CancelScope(shield=True), trio.move_on_after(wait):
                     await _close_draining(ws)
