@@ -638,6 +638,42 @@ async def test_client_that_stops_reading_is_dropped(
     assert call.closed_at is not None and call.closed_at < 1.0
 
 
+async def test_a_stall_of_the_simulator_itself_is_not_a_write_timeout(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Asterisk is another process: if ours stalls (a GC pause in a busy test run), the client did
+    not stop reading, so a pending write must not be timed out for that stall."""
+    sim = AsteriskSimulator(SimConfig(write_timeout=0.3), seed=4)
+    call = sim.expect("c1")
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(sim.serve_stream, server_end)
+    reading = trio.Event()
+    reading.set()
+    received = 0
+
+    async def read(ws: WebSocketConnection) -> None:
+        nonlocal received
+        while True:
+            await reading.wait()
+            await ws.get_message()
+            received += 1
+
+    async with trio.open_nursery() as client_nursery:
+        stream = cast(trio.SocketStream, client_end)
+        ws = await wrap_client_stream(client_nursery, stream, "a", "/media/c1", subprotocols=["media"])
+        client_nursery.start_soon(read, ws)
+        await trio.sleep(0.2)
+        reading = trio.Event()  # stop reading: the simulator's writes block (lockstep: no buffer)
+        await trio.sleep(0.15)
+        before = received
+        autojump_clock.jump(2.0)  # the whole process stalls for 2 s
+        reading.set()
+        await trio.sleep(0.5)
+        assert call.hangup_by is None
+        assert received > before + 10  # the caller audio flowed again
+        client_nursery.cancel_scope.cancel()
+
+
 async def test_handle_serves_a_wrapped_server_stream(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
