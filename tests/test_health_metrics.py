@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import task_names
 from tests.test_console import LONG_TEXT, idle_supervisor, open_daemon, wait_for_event
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import CommandError, SayAdd, SayFlush, SayInit
@@ -191,6 +192,14 @@ def test_every_family_of_issue_3_is_exposed():
         "tts_streamer_vendor_errors",
         "tts_streamer_websocket_disconnects",
         "tts_streamer_command_errors",
+        "tts_streamer_tasks",
+        # prometheus_client's ProcessCollector (Linux): the standard process families
+        "process_cpu_seconds",
+        "process_max_fds",
+        "process_open_fds",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_virtual_memory_bytes",
     }
 
 
@@ -218,6 +227,20 @@ async def test_frames_and_lateness_of_ended_sessions_are_kept(nursery, autojump_
         assert metrics["tts_streamer_active_sessions"] == 1
         assert metrics["tts_streamer_sessions_ended_total{reason=stopped}"] == 1
         assert daemon.sim.calls["c1"].frames_played <= c1.stats.frames_sent
+
+
+async def test_the_task_gauge_counts_a_session_s_tasks_and_returns_to_idle(nursery, autojump_clock):
+    async with open_daemon(nursery) as daemon:
+        idle = (await daemon.scrape())["tts_streamer_tasks"]
+        assert idle >= len(task_names())  # every task of the run: the test's and the HTTP handler's too
+        await daemon.start("c1")
+        await daemon.supervisor.call("c1", SayInit())
+        await daemon.supervisor.call("c1", SayAdd(LONG_TEXT))
+        await trio.sleep(0.5)
+        assert (await daemon.scrape())["tts_streamer_tasks"] > idle
+        await daemon.supervisor.stop("c1")
+        await trio.sleep(1.0)
+        assert (await daemon.scrape())["tts_streamer_tasks"] == idle
 
 
 async def test_hangups_and_vendor_errors_are_counted(nursery, autojump_clock):
