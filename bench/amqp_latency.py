@@ -1,7 +1,7 @@
 """Request->reply latency of the AMQP command plane, on loopback: ``python -m bench.amqp_latency``.
 
-The daemon runs as its own process, as in production: by default the daemon (``run_daemon``, from
-the same environment variables as ``tts-streamer serve``) with a synthetic voice that makes 20 ms of
+The daemon runs as its own process, as in production: by default ``tts-streamer serve`` (through
+``tts_streamer.fakes.daemon_process``) with a synthetic voice that makes 20 ms of
 audio per say_add, so the figures are the command plane's rather than a voice engine's;
 ``--engine espeak`` runs ``tts-streamer serve`` itself. This process plays everything around it: the
 chan_websocket simulator, a fake call-manager and the callers. It creates live streamings (20 by
@@ -34,17 +34,13 @@ import argparse
 import collections
 import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, contextmanager
-from functools import partial
 from typing import Any
 
 import aio_pika
@@ -55,6 +51,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig, serve_asterisk_simulator
 from tts_streamer.fakes.call_manager import open_fake_call_manager
+from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -96,65 +93,11 @@ def temporary_vhost(base_url: str) -> Iterator[str]:
 SYNTHETIC_SECONDS_PER_CHAR = 0.002  # "word 123. ": 20 ms of audio, so the media path stays light
 
 
-def daemon_command(engine: str) -> list[str]:
-    """``tts-streamer serve`` for espeak; for the synthetic voice, this module's ``--daemon`` mode (the
-    same run_daemon, with a SyntheticEngine registered), since ``serve`` only knows real engines."""
-    if engine == "synthetic":
-        return [sys.executable, "-m", "bench.amqp_latency", "--daemon"]
-    script = shutil.which("tts-streamer", path=os.path.dirname(sys.executable))
-    return [script, "serve"] if script else [sys.executable, "-m", "tts_streamer.cli", "serve"]
-
-
-def serve_daemon() -> int:
-    """The daemon process for ``--engine synthetic``: configuration from the environment, as serve."""
-    from tts_streamer.adapters.synthetic import SyntheticEngine
-    from tts_streamer.supervisor.config import ConfigError, DaemonConfig
-    from tts_streamer.supervisor.daemon import run_daemon
-
-    try:
-        config = DaemonConfig.from_env(os.environ)
-    except ConfigError as exc:
-        print(f"bad configuration: {exc}", file=sys.stderr)
-        return 2
-    engine = SyntheticEngine(seconds_per_char=SYNTHETIC_SECONDS_PER_CHAR, speed=math.inf)
-    trio.run(partial(run_daemon, config, engines={engine.name: engine}))
-    return 0
-
-
-def daemon_env(url: str, pod_id: str, workdir: str, engine: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "RABBITMQ_ADDRESS": url,
-            "POD_ID": pod_id,
-            "DEFAULT_ENGINE": engine,
-            "ADMIN_SOCKET": os.path.join(workdir, "admin.sock"),
-            "HTTP_HOST": "127.0.0.1",
-            "HTTP_PORT": "0",
-            "MEDIA_HTTP_HOST": "127.0.0.1",
-            "MEDIA_HTTP_PORT": "0",
-            "MEDIA_DIR": os.path.join(workdir, "media"),
-            "SQLITE_PATH": os.path.join(workdir, "speakings.sqlite3"),
-            "LOG_LEVEL": "WARNING",
-            "LOG_FORMAT": "text",
-        }
-    )
-    return env
-
-
 async def call(caller: VoipbinCaller, queue: str, uri: str, method: str, data: Any = None) -> Any:
     reply = await caller.call(queue, uri, method, data)
     if reply is None or reply.status_code != 200:
         raise RuntimeError(f"{method} {uri}: {reply}")
     return reply.data
-
-
-async def wait_serving(caller: VoipbinCaller, pod_queue: str, process: trio.Process) -> None:
-    probe = f"/v1/streamings/{uuid.uuid4()}"
-    with trio.fail_after(30):
-        while await caller.call(pod_queue, probe, "GET", wait=0.5) is None:
-            if process.returncode is not None:
-                raise RuntimeError(f"the daemon exited with status {process.returncode}")
 
 
 async def go_style_load(
@@ -265,77 +208,50 @@ async def run(options: argparse.Namespace) -> int:
     # Light legs: this process stands in for Asterisk, whose cost is not what is measured here.
     legs = SimConfig(record_frames=False, send_caller_audio=False, write_timeout=None)
     sim = AsteriskSimulator(legs, seed=1)
-    pod_id = f"bench-latency-{uuid.uuid4().hex[:6]}"
-    pod_queue = f"bin-manager.tts-manager.request.{pod_id}"
-    workdir = tempfile.mkdtemp(prefix="tts-bench-latency-")
-    try:
-        with temporary_vhost(options.amqp) if options.private_vhost else _same(options.amqp) as url:
-            async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
-                port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
-                fake = await stack.enter_async_context(open_fake_call_manager(url, sim, "127.0.0.1", port))
-                fake.leg_config = legs
-                caller = await stack.enter_async_context(open_voipbin_caller(url))
-                process = await trio.lowlevel.open_process(
-                    daemon_command(options.engine),
-                    env=daemon_env(url, pod_id, workdir, options.engine),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                )
-                try:
-                    await wait_serving(caller, pod_queue, process)
-                    targets = []
-                    for _ in range(options.streamings):
-                        body = {
-                            "reference_type": "call",
-                            "reference_id": str(uuid.uuid4()),
-                            "direction": "out",
-                        }
-                        sid = (await call(caller, pod_queue, "/v1/streamings", "POST", body))["id"]
-                        message_id = str(uuid.uuid4())
-                        await call(
-                            caller,
-                            pod_queue,
-                            f"/v1/streamings/{sid}/say_init",
-                            "POST",
-                            {"message_id": message_id},
-                        )
-                        targets.append((sid, message_id))
-                    print(
-                        f"daemon pid {process.pid} (pod {pod_id}, {options.engine} voice), "
-                        f"{options.streamings} live streamings, vhost {urllib.parse.urlsplit(url).path}, "
-                        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
-                    )
-                    warm = await pipelined_load(
-                        caller, pod_queue, targets, options.warmup, options.warmup_rate
-                    )
-                    report("warm-up (pipelined)", *warm, options.warmup)
-                    go_style = await go_style_load(
-                        caller,
-                        pod_queue,
-                        targets,
-                        options.go_style_requests,
-                        options.go_style_rate,
-                        options.concurrency,
-                    )
-                    report(f"go-style at {options.go_style_rate:.0f}/s", *go_style, options.go_style_requests)
-                    for rate in options.rates:
-                        await trio.sleep(1.0)  # let the previous run's backlog and audio settle
-                        pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
-                        report(f"pipelined at {rate:.0f}/s", *pipelined, options.requests)
-                    for sid, _ in targets:
-                        await call(caller, SHARED_QUEUE, f"/v1/streamings/{sid}", "DELETE")
-                finally:
-                    if process.returncode is None:
-                        process.send_signal(signal.SIGTERM)
-                        with trio.move_on_after(15):
-                            await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
-                nursery.cancel_scope.cancel()
-        return 0 if process.returncode == 0 else 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with temporary_vhost(options.amqp) if options.private_vhost else _same(options.amqp) as url:
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
+            fake = await stack.enter_async_context(open_fake_call_manager(url, sim, "127.0.0.1", port))
+            fake.leg_config = legs
+            caller = await stack.enter_async_context(open_voipbin_caller(url))
+            synthetic = {"SYNTHETIC_SECONDS_PER_CHAR": repr(SYNTHETIC_SECONDS_PER_CHAR)}
+            daemon = await stack.enter_async_context(
+                open_daemon_process(url, caller, engine=options.engine, env=synthetic)
+            )
+            await measure(options, caller, daemon, url)
+            nursery.cancel_scope.cancel()
+    # open_daemon_process stopped it with SIGTERM: a clean drain exits 0.
+    return 0 if daemon.process.returncode == 0 else 1
+
+
+async def measure(
+    options: argparse.Namespace, caller: VoipbinCaller, daemon: DaemonProcess, url: str
+) -> None:
+    pod_queue = daemon.pod_queue
+    targets = []
+    for _ in range(options.streamings):
+        body = {"reference_type": "call", "reference_id": str(uuid.uuid4()), "direction": "out"}
+        sid = (await call(caller, pod_queue, "/v1/streamings", "POST", body))["id"]
+        message_id = str(uuid.uuid4())
+        await call(caller, pod_queue, f"/v1/streamings/{sid}/say_init", "POST", {"message_id": message_id})
+        targets.append((sid, message_id))
+    print(
+        f"daemon pid {daemon.process.pid} (pod {daemon.pod_id}, {options.engine} voice), "
+        f"{options.streamings} live streamings, vhost {urllib.parse.urlsplit(url).path}, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
+    warm = await pipelined_load(caller, pod_queue, targets, options.warmup, options.warmup_rate)
+    report("warm-up (pipelined)", *warm, options.warmup)
+    go_style = await go_style_load(
+        caller, pod_queue, targets, options.go_style_requests, options.go_style_rate, options.concurrency
+    )
+    report(f"go-style at {options.go_style_rate:.0f}/s", *go_style, options.go_style_requests)
+    for rate in options.rates:
+        await trio.sleep(1.0)  # let the previous run's backlog and audio settle
+        pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
+        report(f"pipelined at {rate:.0f}/s", *pipelined, options.requests)
+    for sid, _ in targets:
+        await call(caller, SHARED_QUEUE, f"/v1/streamings/{sid}", "DELETE")
 
 
 @contextmanager
@@ -367,7 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="synthetic",
         help="the daemon's voice: synthetic (20 ms per say_add, measures the command plane) or espeak",
     )
-    parser.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=200, help="go-style calls in flight at most")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--warmup-rate", type=float, default=300.0)
@@ -375,8 +290,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-private-vhost", dest="private_vhost", action="store_false", help="use the URL's vhost as is"
     )
     options = parser.parse_args(argv)
-    if options.daemon:
-        return serve_daemon()
     started = time.monotonic()
     status = trio.run(run, options)
     print(f"({time.monotonic() - started:.1f} s in all)")

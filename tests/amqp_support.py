@@ -21,6 +21,7 @@ from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
 from tts_streamer.fakes.call_manager import FakeCallManager, open_fake_call_manager
+from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
 from tts_streamer.supervisor.call_manager import CALL_MANAGER_QUEUE
 from tts_streamer.supervisor.config import DaemonConfig
@@ -48,12 +49,15 @@ class Rig:
     daemons: list[DaemonHandle]
     engine: SyntheticEngine
     workdir: str = ""  # per-rig files: the default SQLite speaking store, the speech media directory
+    child: DaemonProcess | None = None  # the daemon, when it runs in a process of its own
 
     @property
     def daemon(self) -> DaemonHandle:
         return self.daemons[0]
 
     def pod_queue(self, index: int = 0) -> str:
+        if self.child is not None and index == 0:
+            return self.child.pod_queue
         return self.daemons[index].config.pod_queue
 
     async def create(self, data: dict[str, Any] | None = None) -> Response:
@@ -100,8 +104,11 @@ def _rig_files(workdir: str) -> dict[str, Any]:
 
 @asynccontextmanager
 async def open_rig(
-    *, pods: int = 1, engine: SyntheticEngine | None = None, **config: Any
+    *, pods: int = 1, engine: SyntheticEngine | None = None, child: bool = False, **config: Any
 ) -> AsyncIterator[Rig]:
+    """``pods`` daemons in this process; or, with ``child``, one daemon in a process of its own
+    (``rig.child``; its voice is ``engine``'s pace, ``config`` does not apply) and none in this one."""
+    assert not (child and config), "a child daemon takes its configuration from the environment"
     await purge_queues(SHARED_QUEUE, CALL_MANAGER_QUEUE)
     engine = engine or SyntheticEngine(seconds_per_char=0.05, speed=4.0)
     sim = AsteriskSimulator(seed=1)
@@ -125,6 +132,16 @@ async def open_rig(
             finally:
                 done.set()
 
+        child_daemon = None
+        if child:
+            synthetic = {
+                "SYNTHETIC_SECONDS_PER_CHAR": repr(engine.seconds_per_char),
+                "SYNTHETIC_SPEED": repr(engine.speed),
+            }
+            child_daemon = await stack.enter_async_context(
+                open_daemon_process(RABBITMQ_URL, caller, env=synthetic)
+            )
+            pods = 0
         for index in range(pods):
             pod_id = f"test-pod-{index}-{uuid.uuid4().hex[:6]}"
             options: dict[str, Any] = {
@@ -141,7 +158,7 @@ async def open_rig(
             finished.append(trio.Event())
             daemons.append(await nursery.start(run_one, daemon_config, finished[-1]))
         try:
-            yield Rig(sim, call_manager, caller, daemons, engine, workdir)
+            yield Rig(sim, call_manager, caller, daemons, engine, workdir, child_daemon)
         finally:
             for handle in daemons:
                 handle.shutdown()

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from tts_streamer.adapters.voice import VoiceEngine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve() -> int:
+def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
+    """``tts-streamer serve``; ``engines`` replaces the voices built from the environment (tests)."""
     import os
 
     from tts_streamer.supervisor.config import ConfigError, DaemonConfig
@@ -50,7 +56,7 @@ def _serve() -> int:
     configure_logging(config.log_level, pod_id=config.pod_id, json=config.log_format == "json")
     tune_gc()
     try:
-        trio.run(run_daemon, config)
+        trio.run(partial(run_daemon, config, engines=engines))
     except ConfigError as exc:  # settings only checkable against what the daemon has (DEFAULT_ENGINE)
         print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "serve":
-        return _serve()
+        return serve()
     if args.command == "console":
         from tts_streamer.supervisor.console_client import run_console_client
 

@@ -1,0 +1,174 @@
+"""The real daemon in a child process, for measurements that must not share a process with the harness.
+
+A soak measures the daemon's RSS and task count: in the harness's process those would include the
+simulator, the fake call-manager and the AMQP caller (aio-pika keeps a little of every channel it ever
+opened), and the harness's GC pauses would stall the daemon. So the child runs ``tts-streamer serve``
+exactly (``cli.serve``: configuration from the environment, the same GC tuning), optionally with the
+synthetic voice registered, which ``serve`` alone cannot offer:
+
+    python -m tts_streamer.fakes.daemon_process      # SYNTHETIC_SECONDS_PER_CHAR, SYNTHETIC_SPEED
+
+``open_daemon_process`` starts it, waits until it answers on its pod queue, reads its ``/metrics``, and
+stops it with SIGTERM (a graceful drain), killing it only if that takes too long.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from tts_streamer.fakes.voipbin_client import VoipbinCaller
+
+SERVE_TIMEOUT = 30.0  # import, broker connection, queue declarations, on a loaded machine
+STOP_TIMEOUT = 20.0  # longer than the drain the environment sets
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (the child binds it a moment later; loopback, so a race is rare)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def daemon_env(
+    url: str, pod_id: str, workdir: str, *, engine: str = "synthetic", http_port: int = 0
+) -> dict[str, str]:
+    """The environment of a daemon on ``url`` that keeps its files in ``workdir`` and off fixed ports."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "RABBITMQ_ADDRESS": url,
+            "POD_ID": pod_id,
+            "DEFAULT_ENGINE": engine,
+            "ADMIN_SOCKET": os.path.join(workdir, "admin.sock"),
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": str(http_port),
+            "MEDIA_HTTP_HOST": "127.0.0.1",
+            "MEDIA_HTTP_PORT": "0",
+            "MEDIA_DIR": os.path.join(workdir, "media"),
+            "SQLITE_PATH": os.path.join(workdir, "speakings.sqlite3"),
+            "LOG_LEVEL": "WARNING",
+            "LOG_FORMAT": "text",
+        }
+    )
+    return env
+
+
+def daemon_command(engine: str = "synthetic") -> list[str]:
+    """``tts-streamer serve``, or this module (the same serve) when the voice is the synthetic one."""
+    if engine == "synthetic":
+        return [sys.executable, "-m", "tts_streamer.fakes.daemon_process"]
+    script = shutil.which("tts-streamer", path=os.path.dirname(sys.executable))
+    return [script, "serve"] if script else [sys.executable, "-m", "tts_streamer.cli", "serve"]
+
+
+@attrs.define
+class DaemonProcess:
+    process: trio.Process
+    pod_id: str
+    http_port: int
+
+    @property
+    def pod_queue(self) -> str:
+        return f"bin-manager.tts-manager.request.{self.pod_id}"
+
+    def rss_kib(self) -> int:
+        """VmRSS of the daemon process."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for pid {self.process.pid}")
+
+    async def metrics(self) -> dict[str, float]:
+        """Unlabelled samples of the daemon's /metrics (labelled ones summed per name)."""
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", self.http_port)
+            async with stream:
+                await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: daemon\r\n\r\n")
+                raw = bytearray()
+                while chunk := await stream.receive_some(65536):
+                    raw += chunk
+        head, _, body = bytes(raw).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"/metrics answered {head[:80]!r}")
+        samples: dict[str, float] = {}
+        for line in body.decode().splitlines():
+            match = _SAMPLE.match(line)
+            if match:
+                samples[match[1]] = samples.get(match[1], 0.0) + float(match[2])
+        return samples
+
+    async def wait_serving(self, caller: VoipbinCaller) -> None:
+        """Until the daemon answers a request on its pod queue (a GET of an unknown streaming)."""
+        probe = f"/v1/streamings/{uuid.uuid4()}"
+        with trio.fail_after(SERVE_TIMEOUT):
+            while await caller.call(self.pod_queue, probe, "GET", wait=0.5) is None:
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"the daemon exited with status {self.process.returncode}")
+
+    async def stop(self) -> int:
+        """SIGTERM (graceful drain), then SIGKILL after STOP_TIMEOUT; the exit status."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT):
+                await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+        return await self.process.wait()
+
+
+@asynccontextmanager
+async def open_daemon_process(
+    url: str, caller: VoipbinCaller, *, engine: str = "synthetic", env: dict[str, str] | None = None
+) -> AsyncIterator[DaemonProcess]:
+    """A serving daemon process on ``url``; stopped (drained) on exit, its files removed."""
+    pod_id = f"child-{uuid.uuid4().hex[:8]}"
+    workdir = tempfile.mkdtemp(prefix="tts-streamer-child-")
+    try:
+        port = free_port()
+        full_env = daemon_env(url, pod_id, workdir, engine=engine, http_port=port)
+        full_env.update(env or {})
+        process = await trio.lowlevel.open_process(
+            daemon_command(engine), env=full_env, stdin=subprocess.DEVNULL
+        )
+        daemon = DaemonProcess(process, pod_id, port)
+        try:
+            await daemon.wait_serving(caller)
+            yield daemon
+        finally:
+            with trio.CancelScope(shield=True):
+                await daemon.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> int:
+    """``tts-streamer serve`` with the synthetic voice registered (and default unless DEFAULT_ENGINE
+    says otherwise)."""
+    from tts_streamer.adapters.synthetic import SyntheticEngine
+    from tts_streamer.cli import serve
+
+    seconds_per_char = float(os.environ.get("SYNTHETIC_SECONDS_PER_CHAR", "0.05"))
+    speed = float(os.environ.get("SYNTHETIC_SPEED", "inf"))
+    engine = SyntheticEngine(seconds_per_char=seconds_per_char, speed=speed if speed > 0 else math.inf)
+    return serve(engines={engine.name: engine})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
