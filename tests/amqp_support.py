@@ -21,7 +21,7 @@ from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
 from tts_streamer.fakes.call_manager import FakeCallManager, open_fake_call_manager
-from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process
+from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process, synthetic_env
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
 from tts_streamer.supervisor.call_manager import CALL_MANAGER_QUEUE
 from tts_streamer.supervisor.config import DaemonConfig
@@ -134,10 +134,7 @@ async def open_rig(
 
         child_daemon = None
         if child:
-            synthetic = {
-                "SYNTHETIC_SECONDS_PER_CHAR": repr(engine.seconds_per_char),
-                "SYNTHETIC_SPEED": repr(engine.speed),
-            }
+            synthetic = synthetic_env(engine.seconds_per_char, engine.speed)
             child_daemon = await stack.enter_async_context(
                 open_daemon_process(RABBITMQ_URL, caller, env=synthetic)
             )

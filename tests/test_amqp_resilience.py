@@ -32,7 +32,9 @@ from tts_streamer.actors import events as ev
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
 from tts_streamer.fakes.asterisk_call import SimCall
+from tts_streamer.fakes.daemon_process import open_daemon_process, synthetic_env
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
+from tts_streamer.supervisor.metrics import Metrics
 
 pytestmark = pytest.mark.realtime
 
@@ -132,16 +134,23 @@ async def close_from_broker(pid: str) -> None:
 
 @asynccontextmanager
 async def open_relayed_rig(
-    engine: SyntheticEngine, broker_url: str
+    engine: SyntheticEngine, broker_url: str, *, child: bool = False
 ) -> AsyncIterator[tuple[Rig, BrokerRelay]]:
-    """open_rig's simulator, fake call-manager and caller (direct), plus one daemon behind the relay."""
+    """open_rig's simulator, fake call-manager and caller (direct), plus one daemon behind the relay:
+    in this process, or with ``child`` in a process of its own (``rig.child``)."""
     async with open_rig(pods=0, engine=engine) as rig, trio.open_nursery() as nursery:
         relay: BrokerRelay = await nursery.start(BrokerRelay(broker_url).serve)
         async with AsyncExitStack() as stack:
-            # run_pod reads the broker address when it builds the pod's config: point it at the relay.
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(amqp_support, "RABBITMQ_URL", relay.url)
-                await stack.enter_async_context(run_pod(rig, f"test-resilience-{uuid.uuid4().hex[:6]}"))
+            if child:
+                synthetic = synthetic_env(engine.seconds_per_char, engine.speed)
+                rig.child = await stack.enter_async_context(
+                    open_daemon_process(relay.url, rig.caller, env=synthetic)
+                )
+            else:
+                # run_pod reads the broker address when it builds the pod's config: point it at the relay.
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(amqp_support, "RABBITMQ_URL", relay.url)
+                    await stack.enter_async_context(run_pod(rig, f"test-resilience-{uuid.uuid4().hex[:6]}"))
             stack.callback(setattr, relay, "up", True)  # the pod's drain needs the broker
             yield rig, relay
         nursery.cancel_scope.cancel()
@@ -149,6 +158,16 @@ async def open_relayed_rig(
 
 def by_streaming(sid: str) -> Callable[[Event], bool]:
     return lambda e: (e.data or {}).get("streaming_id", (e.data or {}).get("id")) == sid
+
+
+def metric_samples(metrics: Metrics) -> dict[str, float]:
+    """Unlabelled samples of the daemon's /metrics exposition."""
+    samples = {}
+    for line in metrics.render()[0].decode().splitlines():
+        name, _, value = line.partition(" ")
+        if not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
 
 
 async def poll_until(predicate: Callable[[], bool], interval: float = 0.005) -> None:
@@ -248,6 +267,10 @@ async def test_broker_connection_closed_mid_call_audio_flows_and_everything_resu
             await trio.sleep(0.1)
             assert not daemon.bridge.connected, "the outage ended too early for this test to prove anything"
             assert daemon.publisher.pending >= 1
+            assert daemon.metrics is not None
+            exposed = metric_samples(daemon.metrics)
+            assert exposed["tts_streamer_broker_connected"] == 0
+            assert exposed["tts_streamer_events_pending"] == daemon.publisher.pending
             assert not [e for e in rig.caller.of(EventType.MESSAGE_PLAY_FINISHED) if by_streaming(b)(e)]
             await trio.sleep_until(max(cut_at + outage, b_finished + 0.3))
             relay.up = True
@@ -256,6 +279,9 @@ async def test_broker_connection_closed_mid_call_audio_flows_and_everything_resu
             back_at = trio.current_time()
             assert relay.refused >= 1, "the daemon should have tried (and failed) to reconnect meanwhile"
             assert len(relay.upstream_names) == 2  # one reconnect, not a storm
+            exposed = metric_samples(daemon.metrics)
+            assert exposed["tts_streamer_broker_connected"] == 1
+            assert exposed["tts_streamer_broker_reconnects_total"] == 1
 
             # The held event reaches subscribers once the broker is back.
             held = await rig.caller.wait_event(EventType.MESSAGE_PLAY_FINISHED, by_streaming(b))

@@ -193,6 +193,11 @@ def test_every_family_of_issue_3_is_exposed():
         "tts_streamer_websocket_disconnects",
         "tts_streamer_command_errors",
         "tts_streamer_tasks",
+        "tts_streamer_broker_connected",
+        "tts_streamer_broker_reconnects",
+        "tts_streamer_events_published",
+        "tts_streamer_events_dropped",
+        "tts_streamer_events_pending",
         # prometheus_client's ProcessCollector (Linux): the standard process families
         "process_cpu_seconds",
         "process_max_fds",

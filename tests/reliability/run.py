@@ -18,7 +18,8 @@ import trio
 
 from tests import amqp_support
 from tests.amqp_vhost import private_vhost
-from tests.reliability.scenarios import SCENARIOS, Row, Settings
+from tests.reliability.common import Row, Settings
+from tests.reliability.scenarios import SCENARIOS
 from tests.services import _reachable
 
 HEADERS = ("scenario", "injected", "sessions", "lost", "figures")

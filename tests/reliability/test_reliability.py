@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.amqp_vhost import private_amqp_url
-from tests.reliability.scenarios import SCENARIOS, Scenario, Settings
+from tests.reliability.common import Scenario, Settings
+from tests.reliability.scenarios import SCENARIOS
 from tests.services import require_rabbitmq
 
 pytestmark = pytest.mark.realtime

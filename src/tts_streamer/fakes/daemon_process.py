@@ -69,6 +69,11 @@ def daemon_env(
     return env
 
 
+def synthetic_env(seconds_per_char: float, speed: float) -> dict[str, str]:
+    """The environment that gives the child (``main``) a SyntheticEngine of this pace."""
+    return {"SYNTHETIC_SECONDS_PER_CHAR": repr(seconds_per_char), "SYNTHETIC_SPEED": repr(speed)}
+
+
 def daemon_command(engine: str = "synthetic") -> list[str]:
     """``tts-streamer serve``, or this module (the same serve) when the voice is the synthetic one."""
     if engine == "synthetic":

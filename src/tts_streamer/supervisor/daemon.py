@@ -183,6 +183,7 @@ async def run_daemon(
                     config.rabbitmq_address, topology(config), broker_timeout=config.amqp_timeout
                 ) as bridge:
                     connected = True
+                    metrics.attach_broker(bridge, publisher)
                     root.start_soon(publisher.serve, bridge, name="event-publisher")
                     root.start_soon(_track_readiness, readiness, bridge, name="readiness")
                     async with (

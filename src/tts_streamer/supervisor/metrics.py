@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -42,6 +43,10 @@ from tts_streamer.actors.commands import Command, CommandError, SayFlush
 from tts_streamer.actors.session import Session
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.sessions import Supervisor
+
+if TYPE_CHECKING:
+    from tts_streamer.supervisor.amqp_bridge import AmqpBridge
+    from tts_streamer.supervisor.event_publisher import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +114,36 @@ class _ScrapeCollector(Collector):
             PREFIX + "pacing_lateness_seconds",
             "How late each audio message went out against its pacing slot.",
         )
+        yield from _broker_families(metrics.bridge, metrics.publisher)
         tasks = GaugeMetricFamily(
             PREFIX + "tasks", "Live Trio tasks in the process (flat when idle: a leaked task shows here)."
         )
         tasks.add_metric([], count_tasks())
         yield tasks
+
+
+def _broker_families(bridge: AmqpBridge | None, publisher: EventPublisher | None) -> Iterable[Metric]:
+    connected = GaugeMetricFamily(
+        PREFIX + "broker_connected", "1 while the AMQP connection and channel are open, else 0."
+    )
+    connected.add_metric([], 1 if bridge is not None and bridge.connected else 0)
+    yield connected
+    reconnects = CounterMetricFamily(
+        PREFIX + "broker_reconnects", "Times the AMQP connection was re-established after a loss."
+    )
+    reconnects.add_metric([], bridge.stats.reconnects if bridge is not None else 0)
+    yield reconnects
+    published = CounterMetricFamily(PREFIX + "events_published", "Events the broker confirmed.")
+    published.add_metric([], publisher.published if publisher is not None else 0)
+    yield published
+    dropped = CounterMetricFamily(
+        PREFIX + "events_dropped", "Events dropped because the buffer was full during a broker outage."
+    )
+    dropped.add_metric([], publisher.dropped if publisher is not None else 0)
+    yield dropped
+    pending = GaugeMetricFamily(PREFIX + "events_pending", "Events waiting for the broker.")
+    pending.add_metric([], publisher.pending if publisher is not None else 0)
+    yield pending
 
 
 def count_tasks() -> int:
@@ -138,6 +168,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.supervisor: Supervisor | None = None
+        self.bridge: AmqpBridge | None = None  # set while the daemon is connected (attach_broker)
+        self.publisher: EventPublisher | None = None
         self.lateness = BucketHistogram(LATENESS_BUCKETS)
         self._live: dict[str, Session] = {}  # sessions seen speaking, until their Stopped event
         self._frames_sent_by_ended = 0
@@ -192,6 +224,9 @@ class Metrics:
     def attach(self, bus: EventBus, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         bus.add_listener(self._on_event)
+
+    def attach_broker(self, bridge: AmqpBridge | None, publisher: EventPublisher | None) -> None:
+        self.bridge, self.publisher = bridge, publisher
 
     # -- for command planes ------------------------------------------------------------------------
 
