@@ -39,7 +39,7 @@ from tts_streamer.supervisor.console import (
 )
 from tts_streamer.supervisor.console_client import run_console_client, with_json
 from tts_streamer.supervisor.console_commands import ConsoleError, parse
-from tts_streamer.supervisor.console_views import EventHistory
+from tts_streamer.supervisor.console_views import HISTORY_TEXT_CHARS, EventHistory
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.health import HttpServer, Readiness, health_routes
 from tts_streamer.supervisor.metrics import Metrics
@@ -347,6 +347,15 @@ async def test_event_history_is_bounded_and_forgets_stopped_sessions(autojump_cl
     assert history.recent("c1")
     await trio.sleep(2)
     assert history.recent("c1") == []
+
+
+async def test_event_history_keeps_only_the_start_of_long_texts(autojump_clock):
+    history = EventHistory()
+    long_text = "word " * 2000
+    history.record(ev.PlayFinished("c1", "m1", long_text, texts_added=3, frames_sent=500, flushes=0))
+    [(_, _, kept)] = history.recent("c1")
+    assert isinstance(kept, ev.PlayFinished) and kept.text == long_text[: HISTORY_TEXT_CHARS - 1] + "…"
+    assert (kept.message_id, kept.texts_added, kept.frames_sent) == ("m1", 3, 500)
 
 
 async def test_events_follows_live_and_ends_on_any_line(nursery, autojump_clock):

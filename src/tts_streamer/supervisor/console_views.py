@@ -28,6 +28,9 @@ EVENT_NAMES: dict[type[ev.SessionEvent], str] = {
 }
 _TRIO_DIR = os.path.dirname(trio.__file__)
 _MAX_TEXT_SHOWN = 60
+# What the history keeps of a message's text: a message may carry many kilobytes, and the history holds
+# up to 50 events of each of the last 1,000 ended sessions; the console shows 60 characters anyway.
+HISTORY_TEXT_CHARS = 200
 
 
 # -- recent events per session -------------------------------------------------------------------------
@@ -35,7 +38,9 @@ _MAX_TEXT_SHOWN = 60
 
 @attrs.define
 class EventHistory:
-    """A bounded ring of recent events per call id, kept for ``retention`` seconds after Stopped."""
+    """A bounded ring of recent events per call id, kept for ``retention`` seconds after Stopped (at most
+    ``max_ended`` stopped sessions); message texts trimmed to HISTORY_TEXT_CHARS, so the whole is
+    bounded whatever callers say."""
 
     per_session: int = 50
     retention: float = 600.0
@@ -46,6 +51,8 @@ class EventHistory:
     def record(self, event: ev.SessionEvent) -> None:
         """EventBus listener: runs inline in the emitting session, so O(1) and never raising."""
         now = trio.current_time()
+        if isinstance(event, ev.PlayFinished) and len(event.text) > HISTORY_TEXT_CHARS:
+            event = attrs.evolve(event, text=event.text[: HISTORY_TEXT_CHARS - 1] + "…")
         ring = self._rings.get(event.call_id)
         if ring is None:
             ring = self._rings[event.call_id] = collections.deque(maxlen=self.per_session)
