@@ -7,11 +7,8 @@ pods of its own) in a private vhost; the daemon process gets that vhost's addres
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ from tests.services import require_rabbitmq
 from tts_streamer.adapters.voipbin import envelope as wire
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
 from tts_streamer.fakes.call_manager import FakeCallManager
+from tts_streamer.fakes.daemon_process import daemon_command, daemon_env
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 pytestmark = pytest.mark.realtime
@@ -34,32 +32,10 @@ __all__ = ["private_amqp_url"]  # the fixture, imported so this module's tests g
 DELETE_DELAY = 1.0  # the fake call-manager answers external-media DELETEs this late (see below)
 
 
-def serve_command() -> list[str]:
-    script = shutil.which("tts-streamer", path=os.path.dirname(sys.executable))
-    return [script, "serve"] if script else [sys.executable, "-m", "tts_streamer.cli", "serve"]
-
-
-def daemon_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("TTS_", "RABBITMQ_"))}
-    env.update(
-        {
-            "POD_ID": f"test-process-{uuid.uuid4().hex[:6]}",
-            "DEFAULT_ENGINE": "espeak",
-            "ADMIN_SOCKET": str(tmp_path / "admin.sock"),
-            "HTTP_HOST": "127.0.0.1",
-            "HTTP_PORT": "0",
-            "MEDIA_HTTP_HOST": "127.0.0.1",
-            "MEDIA_HTTP_PORT": "0",
-            "MEDIA_DIR": str(tmp_path / "media"),
-            "SQLITE_PATH": str(tmp_path / "speakings.sqlite3"),
-            "DRAIN_TIMEOUT": "5",
-            "LOG_LEVEL": "INFO",
-            "LOG_FORMAT": "text",
-            "XDG_RUNTIME_DIR": str(tmp_path),
-            "XDG_STATE_HOME": str(tmp_path),
-            "XDG_CACHE_HOME": str(tmp_path),
-        }
-    )
+def espeak_env(tmp_path: Path, url: str, **overrides: str) -> dict[str, str]:
+    """The real voice, INFO logs and a short drain, on top of daemon_process's environment."""
+    env = daemon_env(url, f"test-process-{uuid.uuid4().hex[:6]}", str(tmp_path), engine="espeak")
+    env.update({"DRAIN_TIMEOUT": "5", "LOG_LEVEL": "INFO"})
     env.update(overrides)
     return env
 
@@ -117,13 +93,13 @@ async def test_serve_answers_and_drains_on_sigterm(
     private_amqp_url: str, tmp_path: Path, slow_external_media_delete: None
 ) -> None:
     require_rabbitmq()
-    env = daemon_env(tmp_path, RABBITMQ_ADDRESS=private_amqp_url)
+    env = espeak_env(tmp_path, private_amqp_url)
     pod_queue = f"bin-manager.tts-manager.request.{env['POD_ID']}"
     stderr = bytearray()
     with trio.fail_after(40):
         async with open_rig(pods=0) as rig, trio.open_nursery() as nursery:
             process = await trio.lowlevel.open_process(
-                serve_command(),
+                daemon_command("espeak"),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -208,10 +184,10 @@ async def test_a_bad_environment_value_exits_2_naming_the_variable(
     tmp_path: Path, variable: str, value: str
 ) -> None:
     # An unreachable broker: a bad value must stop the daemon before it tries to connect.
-    env = daemon_env(tmp_path, RABBITMQ_ADDRESS="amqp://guest:guest@127.0.0.1:1/", **{variable: value})
+    env = espeak_env(tmp_path, "amqp://guest:guest@127.0.0.1:1/", **{variable: value})
     with trio.fail_after(20):
         done = await trio.run_process(
-            serve_command(), env=env, check=False, capture_stdout=True, capture_stderr=True
+            daemon_command("espeak"), env=env, check=False, capture_stdout=True, capture_stderr=True
         )
     message = bytes(done.stderr).decode()
     assert done.returncode == 2, message

@@ -172,20 +172,21 @@ async def broker_connection_loss(settings: Settings) -> Row:
 async def asterisk_faults(settings: Settings) -> Row:
     """Neighbour sessions speak while other legs fail on the Asterisk side: a WebSocket closed by the
     peer mid-utterance (``close_after``), a leg that never sends MEDIA_START, a leg whose reads stall
-    (``stall_reads``). XOFF held is not covered: the simulator sends MEDIA_XOFF only when its queue
-    fills and MEDIA_XON as it drains, and has no setting to hold it.
+    (``stall_reads``), a leg that says MEDIA_XOFF and stops draining for 2 s (``hold_xoff``).
 
     lost = neighbours with an underrun or whose message did not play to its end; + the dropped leg's
     session not ending by itself within 5 s; + the MEDIA_START-less create not failing within 3 s;
-    + the stalled session not ending within 5 s of its DELETE (or the DELETE unanswered); + for every
+    + the stalled session not ending within 5 s of its DELETE (or the DELETE unanswered); + the held
+    leg receiving audio during the hold (more than one message in flight) or its message not playing
+    in full after MEDIA_XON; + for every
     streaming, streaming_created or streaming_deleted not exactly once, and message_play_finished not
     exactly once for each session that spoke; + external medias left created at the fake call-manager.
     """
     neighbours = 3 if settings.quick else 10
     row = Row(
         "asterisk faults",
-        "WS closed mid-utterance, no MEDIA_START, reads stalled (XOFF held: not simulable)",
-        neighbours + 3,
+        "WS closed mid-utterance, no MEDIA_START, reads stalled, XOFF held 2 s",
+        neighbours + 4,
     )
     engine = SyntheticEngine(seconds_per_char=0.05, speed=2.0)
     with trio.fail_after(60):
@@ -210,12 +211,24 @@ async def asterisk_faults(settings: Settings) -> Row:
             cm.leg_config = SimConfig(stall_reads=0.5)
             stalled = await create(rig)
             await say(rig, stalled, "S" * 100, finish=True)
+            cm.leg_config = SimConfig(hold_xoff=(0.5, 2.0))
+            held = await create(rig)
+            await say(rig, held, "H" * 60, finish=True)  # 3 s of audio, 2 s of it held back
             cm.leg_config = None
 
             missing = await wait_for_events(rig, [dropped], EventType.STREAMING_DELETED, 5)
             row.lose("dropped leg's session did not end", len(missing))
             unfinished = await wait_for_events(rig, normal, EventType.MESSAGE_PLAY_FINISHED, 10)
             row.lose("neighbour message not finished", len(unfinished))
+            unfinished = await wait_for_events(rig, [held], EventType.MESSAGE_PLAY_FINISHED, 10)
+            row.lose("held leg's message not finished after XON", len(unfinished))
+            await trio.sleep(0.2)  # its lead plays out
+            held_call = rig.sim_call_for(held)
+            assert held_call.media_start_at is not None
+            held_from = held_call.media_start_at + 0.5
+            sent_while_held = sum(1 for m in held_call.messages if held_from + 0.1 < m.time < held_from + 2.0)
+            row.lose("held leg got audio during XOFF", sent_while_held > 1)
+            row.lose("held leg's audio not played in full", held_call.frames_played != 150)
             stalled_ended_itself = bool(
                 [e for e in rig.caller.of(EventType.STREAMING_DELETED) if sid_of(e) == stalled]
             )
@@ -229,18 +242,22 @@ async def asterisk_faults(settings: Settings) -> Row:
             for sid in normal:
                 reply = await delete(rig, sid)
                 row.lose(f"neighbour DELETE answered {reply}", not_ok(reply))
-            everyone = [*normal, dropped, stalled, no_start]
+            reply = await delete(rig, held)
+            row.lose(f"held leg DELETE answered {reply}", not_ok(reply))
+            everyone = [*normal, dropped, stalled, held, no_start]
             await wait_for_events(rig, everyone, EventType.STREAMING_DELETED, 10)
             await trio.sleep(0.5)
             check_once(rig=rig, row=row, sids=everyone, types=[EventType.STREAMING_CREATED])
             check_once(rig=rig, row=row, sids=everyone, types=[EventType.STREAMING_DELETED])
-            check_once(rig=rig, row=row, sids=[*normal, dropped, stalled], types=["message_play_finished"])
+            check_once(
+                rig=rig, row=row, sids=[*normal, dropped, stalled, held], types=["message_play_finished"]
+            )
             short = [
                 e
                 for e in rig.caller.of(EventType.MESSAGE_PLAY_FINISHED)
-                if sid_of(e) in normal and not e.data.get("message_finish")
+                if sid_of(e) in [*normal, held] and not e.data.get("message_finish")
             ]
-            row.lose("neighbour message cut short", len(short))
+            row.lose("neighbour or held message cut short", len(short))
             neighbour_calls = [rig.sim_call_for(sid) for sid in normal]
             row.lose("neighbours with underruns", sum(1 for c in neighbour_calls if c.underruns))
             row.lose("external media left created", len(orphaned_media(rig)))
@@ -250,7 +267,8 @@ async def asterisk_faults(settings: Settings) -> Row:
         f"no-MEDIA_START create failed in {no_start_took:.2f} s; dropped leg hung up by "
         f"{dropped_call.hangup_by}; stalled leg: ended by itself {stalled_ended_itself}, "
         f"DELETE->deleted {stalled_delete_took:.2f} s (leg {stalled_call.hangup_by}); "
-        f"neighbour underruns {sum(c.underruns for c in neighbour_calls)}"
+        f"held leg: {held_call.frames_played} frames played, {sent_while_held} messages during the "
+        f"hold; neighbour underruns {sum(c.underruns for c in neighbour_calls)}"
     )
     gaps = sorted((round(g.start - t0, 2), g.ticks) for c in neighbour_calls for g in c.gaps)
     if gaps:

@@ -30,10 +30,15 @@ from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 # ------------------------------------------------------------------------------------------ 5. soak
 
-SOAK_RSS_BOUND_KIB = 24 * 1024  # start->end growth allowed (allocator noise, caches warming up)
-# Middle->end: by then the bounded caches are full (the console keeps the events of the last 1,000
-# ended sessions, ~18 KiB each), so a leak shows as growth here (~7 KiB per streaming would cross it).
-SOAK_RSS_SECOND_HALF_BOUND_KIB = 8 * 1024
+# The daemon's RSS rises for the first minutes and levels off: the console's history of the last 1,000
+# ended sessions and the command plane's last 10,000 latencies fill up, and the allocators reach their
+# high-water mark for 20 concurrent sessions (measured: +19 MiB in 2 min, +4 in the next 2, +2.7 in the
+# 4 after; Python's allocated blocks flat after the history filled). So the leak check is growth after
+# the first 30% of the run; the start->end ceiling only catches gross growth. The soak's ~4,000
+# sessions cannot see a leak much below 2 KiB per session: the task count is the sharper check.
+SOAK_RSS_WARM_UP_TENTHS = 3
+SOAK_RSS_CEILING_KIB = 40 * 1024
+SOAK_RSS_STEADY_BOUND_KIB = 8 * 1024
 
 
 async def soak(settings: Settings) -> Row:
@@ -48,8 +53,8 @@ async def soak(settings: Settings) -> Row:
     once; + streamings whose streaming_created / streaming_deleted did not arrive exactly once; +
     speakings whose speaking_started / speaking_stopped did not arrive exactly once; + external media
     created at call-manager and never deleted; + 1 if
-    the task count at the end differs from the start; + 1 if RSS grew by more than SOAK_RSS_BOUND_KIB
-    from start to end; + 1 if it grew by more than SOAK_RSS_SECOND_HALF_BOUND_KIB in the second half.
+    the task count at the end differs from the start; + 1 if RSS grew by more than SOAK_RSS_STEADY_BOUND_KIB
+    after the warm-up (the first 30%); + 1 if it grew by more than SOAK_RSS_CEILING_KIB in all.
     """
     sessions = 10 if settings.quick else 20
     seconds = settings.soak_seconds
@@ -187,19 +192,21 @@ async def soak(settings: Settings) -> Row:
             rss_start = daemon.rss_kib()
             started = trio.current_time()
             deadline = started + seconds
-            rss_middle = 0
+            trajectory: list[int] = []  # RSS at each tenth of the run: a leak climbs, a warm-up levels off
 
-            async def sample_middle() -> None:
-                nonlocal rss_middle
-                await trio.sleep_until(started + seconds / 2)
-                rss_middle = daemon.rss_kib()
+            async def sample_rss() -> None:
+                for tenth in range(1, 10):
+                    await trio.sleep_until(started + seconds * tenth / 10)
+                    trajectory.append(daemon.rss_kib())
 
             async with trio.open_nursery() as workers:
-                workers.start_soon(sample_middle)
+                workers.start_soon(sample_rss)
                 speaking_sessions = sessions // 4
                 for index in range(sessions):
                     workers.start_soon(speaking_worker if index < speaking_sessions else worker, deadline)
             rss_end_busy = daemon.rss_kib()
+            trajectory.append(rss_end_busy)
+            rss_middle, rss_warm = trajectory[4], trajectory[SOAK_RSS_WARM_UP_TENTHS - 1]
             with trio.move_on_after(10):  # drain_events empties rig.caller.events: use its counters
                 await poll_until(
                     lambda: (
@@ -239,20 +246,21 @@ async def soak(settings: Settings) -> Row:
     if tasks_end != tasks_start:
         row.lose(f"task count {tasks_start} -> {tasks_end}")
     growth = rss_end - rss_start
-    if growth > SOAK_RSS_BOUND_KIB:
-        row.lose(f"RSS grew {growth} KiB (bound {SOAK_RSS_BOUND_KIB})")
-    second_half = rss_end_busy - rss_middle
-    if second_half > SOAK_RSS_SECOND_HALF_BOUND_KIB:
-        row.lose(f"RSS grew {second_half} KiB in the second half (bound {SOAK_RSS_SECOND_HALF_BOUND_KIB})")
+    if growth > SOAK_RSS_CEILING_KIB:
+        row.lose(f"RSS grew {growth} KiB in all (ceiling {SOAK_RSS_CEILING_KIB})")
+    steady = rss_end_busy - rss_warm
+    if steady > SOAK_RSS_STEADY_BOUND_KIB:
+        row.lose(f"RSS grew {steady} KiB after the warm-up (bound {SOAK_RSS_STEADY_BOUND_KIB})")
     row.sessions = len(own_sids) + len(own_speakings)
     row.figures = (
         f"{sessions} concurrent, {len(own_sids)} streamings + {len(own_speakings)} speakings, "
         f"{initiated.total()} messages "
         f"(finish {stats['finish']}, flush {stats['flush']}, stop {stats['stop']}), "
         f"{stats['commands']} commands; daemon RSS MiB start/middle/end {rss_start / 1024:.1f}/"
-        f"{rss_middle / 1024:.1f}/{rss_end / 1024:.1f} (busy end {rss_end_busy / 1024:.1f}, "
-        f"bounds +{SOAK_RSS_BOUND_KIB // 1024} in all, +{SOAK_RSS_SECOND_HALF_BOUND_KIB // 1024} in the "
-        f"second half); daemon tasks start/end {tasks_start}/{tasks_end}; "
+        f"{rss_middle / 1024:.1f}/{rss_end / 1024:.1f} (each tenth: "
+        f"{' '.join(f'{kib / 1024:.1f}' for kib in trajectory)}; "
+        f"+{steady / 1024:.1f} after the warm-up, bound +{SOAK_RSS_STEADY_BOUND_KIB // 1024}; ceiling "
+        f"+{SOAK_RSS_CEILING_KIB // 1024} in all); daemon tasks start/end {tasks_start}/{tasks_end}; "
         f"sim underruns {stats['underruns']} (text control sends no marks: silence between messages counts)"
     )
     return row

@@ -26,6 +26,9 @@ class SimConfig:
     never_send_media_start: bool = False
     close_after: float | None = None  # after MEDIA_START: close 1000, the caller hung up
     stall_reads: float | None = None  # after MEDIA_START: stop reading the socket for good
+    # (after, for) seconds from MEDIA_START: send MEDIA_XOFF and play nothing (a stalled channel whose
+    # queue does not drain), then MEDIA_XON and play on. Frames that arrive meanwhile are queued.
+    hold_xoff: tuple[float, float] | None = None
     audio_before_media_start: bool = False  # #1712
     tick_phase: float | None = None  # None: drawn from the simulator's seeded random.Random
     lost_ticks: frozenset[int] = frozenset()  # #2115: these ticks fire too late and lose their slot

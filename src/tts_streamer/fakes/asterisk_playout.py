@@ -78,6 +78,7 @@ class Playout:
         self._length = 0  # frames only: marks do not count, as in Asterisk
         self._queue_full = False
         self._paused = False
+        self._xoff_held = False
         self._bulk = False
         self._leftover = b""
         self._report_drained = False
@@ -257,6 +258,19 @@ class Playout:
         if self._paused:
             return []
         out: list[str] = []
+        hold = call.config.hold_xoff
+        if hold is not None and call.media_start_at is not None:
+            held_from = call.media_start_at + hold[0]
+            if held_from <= now < held_from + hold[1]:
+                if not self._xoff_held:
+                    self._xoff_held = True
+                    call.xoff_sent += 1
+                    out.append(self.event(now, "MEDIA_XOFF"))
+                return out
+            if self._xoff_held:
+                self._xoff_held = False
+                call.xon_sent += 1
+                out.append(self.event(now, "MEDIA_XON"))
         # Checked before dequeuing, so the XON tick still sees this tick's frame queued.
         if self._queue_full and self._length < XON_FRAMES:
             self._queue_full = False

@@ -48,8 +48,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def daemon_env(
     url: str, pod_id: str, workdir: str, *, engine: str = "synthetic", http_port: int = 0
 ) -> dict[str, str]:
-    """The environment of a daemon on ``url`` that keeps its files in ``workdir`` and off fixed ports."""
-    env = dict(os.environ)
+    """The environment of a daemon on ``url`` that keeps its files in ``workdir`` and off fixed ports.
+    The caller's own TTS_* and RABBITMQ_* settings are left out: they must not configure the child."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TTS_", "RABBITMQ_"))}
     env.update(
         {
             "RABBITMQ_ADDRESS": url,
@@ -64,6 +65,9 @@ def daemon_env(
             "SQLITE_PATH": os.path.join(workdir, "speakings.sqlite3"),
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "text",
+            "XDG_RUNTIME_DIR": workdir,
+            "XDG_STATE_HOME": workdir,
+            "XDG_CACHE_HOME": workdir,
         }
     )
     return env
