@@ -518,6 +518,21 @@ class BurstClient:
         )
         await trio_asyncio.aio_as_trio(self.channel.default_exchange.publish)(message, routing_key=queue)
 
+    async def send_examples(
+        self, examples: list[Example], pod_queue: str, in_flight: int
+    ) -> dict[str, bytes]:
+        """Publish every example (to the shared or the pod queue), with at most ``in_flight`` unanswered;
+        returns the bodies that asked for a reply, by correlation id."""
+        sent: dict[str, bytes] = {}
+        for index, (body, reply, shared) in enumerate(examples):
+            correlation_id = str(index)
+            if reply:
+                sent[correlation_id] = body
+                while len(sent) - sum(self.replies.values()) > in_flight:
+                    await self.changed.wait()
+            await self.send(SHARED_QUEUE if shared else pod_queue, body, correlation_id, reply=reply)
+        return sent
+
     async def wait_replies(self, count: int) -> None:
         while sum(self.replies.values()) < count:
             await self.changed.wait()
@@ -557,17 +572,8 @@ async def test_fuzz_thousands_of_random_envelopes(private_amqp_url: str) -> None
                 await rig.streaming(sid, "say_init", {"message_id": message_ids[0]})
             rig.call_manager.mode = "error500"  # random creates roll back instead of piling up calls
             examples = draw(fuzz_requests(live_ids, message_ids), FUZZ_REQUESTS)
-            sent: dict[str, bytes] = {}
             async with open_burst_client(rig.caller.connection) as client:
-                for index, (body, reply, shared) in enumerate(examples):
-                    correlation_id = str(index)
-                    if reply:
-                        sent[correlation_id] = body
-                        while len(sent) - sum(client.replies.values()) > IN_FLIGHT:
-                            await client.changed.wait()
-                    await client.send(
-                        SHARED_QUEUE if shared else rig.pod_queue(), body, correlation_id, reply=reply
-                    )
+                sent = await client.send_examples(examples, rig.pod_queue(), IN_FLIGHT)
                 with trio.fail_after(20):
                     await client.wait_replies(len(sent))
                 await trio.sleep(0.5)  # room for a duplicate to show up

@@ -34,7 +34,6 @@ from tts_streamer.adapters.chan_websocket import protocol
 from tts_streamer.adapters.chan_websocket.client import open_media_connection
 from tts_streamer.adapters.voipbin.envelope import EventType
 from tts_streamer.fakes.asterisk import AsteriskSimulator, memory_dialer
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 # ------------------------------------------------------------------------------------------ 6. fuzz
 
@@ -75,16 +74,8 @@ async def _fuzz_envelopes(row: Row, count: int) -> str:
             await command(rig, sid, "say_init", {"message_id": message_ids[0]})
         rig.call_manager.mode = "error500"  # random creates roll back instead of piling up legs
         examples = await trio.to_thread.run_sync(lambda: draw(fuzz_requests(live, message_ids), count))
-        sent: dict[str, bytes] = {}
         async with open_burst_client(rig.caller.connection) as client:
-            for index, (body, reply, shared) in enumerate(examples):
-                correlation_id = str(index)
-                if reply:
-                    sent[correlation_id] = body
-                    while len(sent) - sum(client.replies.values()) > in_flight:
-                        await client.changed.wait()
-                queue = SHARED_QUEUE if shared else rig.pod_queue()
-                await client.send(queue, body, correlation_id, reply=reply)
+            sent = await client.send_examples(examples, rig.pod_queue(), in_flight)
             with trio.move_on_after(20):
                 await client.wait_replies(len(sent))
             await trio.sleep(0.5)
