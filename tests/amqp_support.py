@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -102,6 +102,13 @@ def _rig_files(workdir: str) -> dict[str, Any]:
     }
 
 
+def open_child_daemon(
+    url: str, caller: VoipbinCaller, engine: SyntheticEngine
+) -> AbstractAsyncContextManager[DaemonProcess]:
+    """A daemon process on ``url`` whose synthetic voice speaks at ``engine``'s pace."""
+    return open_daemon_process(url, caller, env=synthetic_env(engine.seconds_per_char, engine.speed))
+
+
 @asynccontextmanager
 async def open_rig(
     *, pods: int = 1, engine: SyntheticEngine | None = None, child: bool = False, **config: Any
@@ -134,10 +141,7 @@ async def open_rig(
 
         child_daemon = None
         if child:
-            synthetic = synthetic_env(engine.seconds_per_char, engine.speed)
-            child_daemon = await stack.enter_async_context(
-                open_daemon_process(RABBITMQ_URL, caller, env=synthetic)
-            )
+            child_daemon = await stack.enter_async_context(open_child_daemon(RABBITMQ_URL, caller, engine))
             pods = 0
         for index in range(pods):
             pod_id = f"test-pod-{index}-{uuid.uuid4().hex[:6]}"

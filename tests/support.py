@@ -14,6 +14,7 @@ from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.fakes.asterisk import AsteriskSimulator, memory_dialer
+from tts_streamer.supervisor.console_views import task_tree
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 
 E = TypeVar("E", bound=SessionEvent)
@@ -49,18 +50,7 @@ class RecordingSink:
 
 def task_names() -> list[str]:
     """Names of every live task in this Trio run."""
-    names: list[str] = []
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        names.append(task.name)
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root)
-    return names
+    return [task.name for _, task in task_tree(ordered=False)]
 
 
 def tasks_of(call_id: str) -> list[str]:

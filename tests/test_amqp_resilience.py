@@ -25,14 +25,14 @@ import pytest
 import trio
 
 from tests import amqp_support
-from tests.amqp_support import Rig, open_rig, run_pod
+from tests.amqp_support import Rig, open_child_daemon, open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url
 from tests.services import require_rabbitmq
 from tts_streamer.actors import events as ev
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
 from tts_streamer.fakes.asterisk_call import SimCall
-from tts_streamer.fakes.daemon_process import open_daemon_process, synthetic_env
+from tts_streamer.fakes.daemon_process import parse_samples
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 from tts_streamer.supervisor.metrics import Metrics
 
@@ -142,10 +142,7 @@ async def open_relayed_rig(
         relay: BrokerRelay = await nursery.start(BrokerRelay(broker_url).serve)
         async with AsyncExitStack() as stack:
             if child:
-                synthetic = synthetic_env(engine.seconds_per_char, engine.speed)
-                rig.child = await stack.enter_async_context(
-                    open_daemon_process(relay.url, rig.caller, env=synthetic)
-                )
+                rig.child = await stack.enter_async_context(open_child_daemon(relay.url, rig.caller, engine))
             else:
                 # run_pod reads the broker address when it builds the pod's config: point it at the relay.
                 with pytest.MonkeyPatch.context() as patch:
@@ -161,13 +158,8 @@ def by_streaming(sid: str) -> Callable[[Event], bool]:
 
 
 def metric_samples(metrics: Metrics) -> dict[str, float]:
-    """Unlabelled samples of the daemon's /metrics exposition."""
-    samples = {}
-    for line in metrics.render()[0].decode().splitlines():
-        name, _, value = line.partition(" ")
-        if not line.startswith("#") and "{" not in name:
-            samples[name] = float(value)
-    return samples
+    """The daemon's /metrics exposition, by sample name."""
+    return parse_samples(metrics.render()[0].decode())
 
 
 async def poll_until(predicate: Callable[[], bool], interval: float = 0.005) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,12 +28,21 @@ from contextlib import asynccontextmanager
 
 import attrs
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tts_streamer.fakes.voipbin_client import VoipbinCaller
 
 SERVE_TIMEOUT = 30.0  # import, broker connection, queue declarations, on a loaded machine
 STOP_TIMEOUT = 20.0  # longer than the drain the environment sets
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$")
+
+
+def parse_samples(exposition: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition by name, labelled ones summed per name."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+    return samples
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,12 +124,7 @@ class DaemonProcess:
         head, _, body = bytes(raw).partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
             raise RuntimeError(f"/metrics answered {head[:80]!r}")
-        samples: dict[str, float] = {}
-        for line in body.decode().splitlines():
-            match = _SAMPLE.match(line)
-            if match:
-                samples[match[1]] = samples.get(match[1], 0.0) + float(match[2])
-        return samples
+        return parse_samples(body.decode())
 
     async def wait_serving(self, caller: VoipbinCaller) -> None:
         """Until the daemon answers a request on its pod queue (a GET of an unknown streaming)."""

@@ -151,20 +151,30 @@ def event_table(rows: list[dict[str, object]]) -> list[str]:
     return [f"{line.ljust(width)}  {extra}" for line, extra in zip(lines, details, strict=True)]
 
 
-def walk_tasks() -> Iterator[tuple[int, str, str]]:
-    """(depth, name, where it waits) for every live task, parents before children."""
-    root = trio.lowlevel.current_root_task()
+def task_tree(*, ordered: bool = True) -> Iterator[tuple[int, trio.lowlevel.Task]]:
+    """(depth, task) for every live task of the current Trio run, parents before children; none outside
+    a run. ``ordered``: siblings by name, for a stable listing (a count need not pay for the sort)."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return
     if root is None:
         return
     stack: list[tuple[int, trio.lowlevel.Task]] = [(0, root)]
     while stack:
         depth, task = stack.pop()
-        yield depth, task.name, _waiting_at(task)
+        yield depth, task
         children = [child for nursery in task.child_nurseries for child in nursery.child_tasks]
-        # child_tasks is unordered: sort siblings by name for a stable listing (reversed onto the
-        # stack so they come out in order).
-        for child in sorted(children, key=lambda t: t.name, reverse=True):
-            stack.append((depth + 1, child))
+        if ordered:
+            # child_tasks is unordered: reversed onto the stack so they come out in order.
+            children.sort(key=lambda t: t.name, reverse=True)
+        stack.extend((depth + 1, child) for child in children)
+
+
+def walk_tasks() -> Iterator[tuple[int, str, str]]:
+    """(depth, name, where it waits) for every live task, parents before children."""
+    for depth, task in task_tree():
+        yield depth, task.name, _waiting_at(task)
 
 
 def _waiting_at(task: trio.lowlevel.Task) -> str:
