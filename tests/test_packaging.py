@@ -394,7 +394,8 @@ def test_manifests_parse_and_kustomization_lists_them() -> None:
     kustomization = _one("Kustomization")
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     # Not the namespace: `kubectl delete -k` would take all of bin-manager with it. Not the example Secret.
-    expected = {f for f in files if ".example." not in f} - {"namespace.yaml"}
+    # Not the PrometheusRule: its kind exists only with the Prometheus Operator (tests/test_dashboards.py).
+    expected = {f for f in files if ".example." not in f} - {"namespace.yaml", "prometheus-rule.yaml"}
     assert set(kustomization["resources"]) == expected
 
 
