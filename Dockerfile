@@ -1,7 +1,9 @@
 # tts-streamer daemon image. Build: docker build -t tts-streamer .   (docs/deploy.md)
 #
 # The image bundles espeak-ng (GPL-3.0-or-later, through the espeakng-loader wheel) with the daemon:
-# distributing it means distributing a GPL-3.0 combination. See "Licences" in docs/deploy.md.
+# distributing it means distributing a GPL-3.0 combination. NOTICE says what is bundled under which
+# licence and where its source is; it and the licence texts are in /usr/share/licenses/tts-streamer/.
+# README.md "Licence" and docs/deploy.md "Licences" explain.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -11,7 +13,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY scripts/install.sh scripts/install.sh
 COPY src/ src/
 # Runtime dependencies only (no --dev), not editable: the venv must not point back into /src.
@@ -19,9 +21,17 @@ RUN sh scripts/install.sh /opt/venv /src
 
 # -- runtime: the venv, a non-root user, nothing else ---------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# Where the image's source is (GPL-3.0 section 6): docker build --build-arg SOURCE_URL=... --build-arg REVISION=$(git rev-parse HEAD)
+ARG SOURCE_URL=""
+ARG REVISION=""
 LABEL org.opencontainers.image.title="tts-streamer" \
       org.opencontainers.image.description="Streams text-to-speech into live Asterisk calls over chan_websocket" \
-      org.opencontainers.image.licenses="Apache-2.0 AND GPL-3.0-or-later AND LGPL-2.1-or-later"
+      org.opencontainers.image.licenses="Apache-2.0 AND GPL-3.0-or-later AND LGPL-2.1-or-later AND MPL-2.0 AND GPL-3.0-or-later WITH GCC-exception-3.1" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.revision="${REVISION}"
+
+# The licence texts and the notice of what is bundled (NOTICE), readable by anyone who pulls the image.
+COPY LICENSE NOTICE licenses/GPL-3.0.txt /usr/share/licenses/tts-streamer/
 
 # A fixed numeric uid/gid, so Kubernetes runAsNonRoot can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 tts \
