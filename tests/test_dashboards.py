@@ -69,6 +69,7 @@ DASHBOARD_MUST_SHOW = {
     "process_resident_memory_bytes",
 }
 SEVERITIES = {"critical", "warning", "info"}
+GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"}
 
 
 def test_the_tokenizer_finds_metrics_and_only_metrics() -> None:
@@ -157,6 +158,9 @@ def test_dashboard_is_importable() -> None:
         assert len(refs) == len(set(refs)), panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == panel["datasource"], panel["title"]
+        for target in panel["targets"]:
+            for variable in re.findall(r"\$\{?(\w+)", target["expr"]):
+                assert variable in variables or variable in GRAFANA_BUILTINS, f"{panel['title']}: ${variable}"
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
 
