@@ -188,6 +188,8 @@ def test_dockerfile_ships_the_licence_texts_and_the_notice() -> None:
     (label,) = [i.args for i in _in_stage(dockerfile, runtime, "LABEL") if "image.licenses" in i.args]
     declared = re.search(r'org\.opencontainers\.image\.licenses="([^"]+)"', label)
     assert declared is not None
+    licenses = pytest.importorskip("packaging.licenses", reason="packaging >= 24.2 validates SPDX expressions")
+    licenses.canonicalize_license_expression(declared.group(1))  # the label is an SPDX expression
     for item in bundled_copyleft():
         licence = item.licence.split(";")[0].strip()
         assert licence in declared.group(1), f"image.licenses label misses {licence} ({item.component})"
