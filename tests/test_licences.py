@@ -43,6 +43,7 @@ CANONICAL = {
     "LICENSE": "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30",
     "licenses/GPL-3.0.txt": "3972dc9744f6499f0f9b2dbf76696f2ae7ad8af9b23dde66d6af86c9dfb36986",
 }
+SPDX_SKIP = "packaging >= 24.2 validates SPDX expressions"
 COPYLEFT = re.compile(r"\b(A?GPL|LGPL|MPL|EPL|EUPL|CDDL|OSL|CECILL)\b|GNU|Mozilla Public|Eclipse Public")
 # Distributions that declare no licence at all, reviewed by hand: what they bundle, under which licence.
 UNDECLARED = {
@@ -188,7 +189,7 @@ def test_dockerfile_ships_the_licence_texts_and_the_notice() -> None:
     (label,) = [i.args for i in _in_stage(dockerfile, runtime, "LABEL") if "image.licenses" in i.args]
     declared = re.search(r'org\.opencontainers\.image\.licenses="([^"]+)"', label)
     assert declared is not None
-    licenses = pytest.importorskip("packaging.licenses", reason="packaging >= 24.2 validates SPDX expressions")
+    licenses = pytest.importorskip("packaging.licenses", reason=SPDX_SKIP)
     licenses.canonicalize_license_expression(declared.group(1))  # the label is an SPDX expression
     for item in bundled_copyleft():
         licence = item.licence.split(";")[0].strip()
