@@ -76,3 +76,16 @@ def test_metric_names_are_exported_and_go_metrics_are_all_mapped() -> None:
     assert named - known == set(), "docs/migrating.md names metrics the daemon does not export"
     table = _section("Metrics: old -> new")
     assert [name for name in GO_METRICS if f"`{name}" not in table] == []
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_inside_the_doc_resolve() -> None:
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", DOC, re.MULTILINE)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", DOC))
+    assert links and links - anchors == set()
+    for target in re.findall(r"\]\(([\w./-]+\.md)\)", DOC):
+        assert (ROOT / "docs" / target).is_file(), target
