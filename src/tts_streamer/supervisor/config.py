@@ -6,6 +6,7 @@ docs/configuration.md lists every variable; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import socket
@@ -88,7 +89,7 @@ class DaemonConfig:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from None
 
         pod_id = env.get("POD_ID") or env.get("HOSTNAME") or socket.gethostname() or d.pod_id
-        return cls(
+        config = cls(
             rabbitmq_address=get("RABBITMQ_ADDRESS", d.rabbitmq_address, str),
             pod_id=pod_id,
             amqp_prefetch=get("AMQP_PREFETCH", d.amqp_prefetch, _positive_int),
@@ -125,6 +126,8 @@ class DaemonConfig:
             pod_ip=get("POD_IP", d.pod_ip, str),
             speech_timeout=get("SPEECH_TIMEOUT", d.speech_timeout, _positive_float),
         )
+        _check_console_exposure(config)
+        return config
 
     @property
     def shared_queue(self) -> str:
@@ -133,6 +136,22 @@ class DaemonConfig:
     @property
     def pod_queue(self) -> str:
         return f"bin-manager.tts-manager.request.{self.pod_id}"
+
+
+def _check_console_exposure(config: DaemonConfig) -> None:
+    """A console on a non-loopback address needs ADMIN_TOKEN. Only literal addresses are judged here;
+    the console judges what a host name resolved to when it binds (supervisor/console.py)."""
+    if not config.admin_host or config.admin_token:
+        return
+    try:
+        address = ipaddress.ip_address(config.admin_host.strip("[]"))
+    except ValueError:
+        return
+    if not address.is_loopback:
+        raise ConfigError(
+            f"ADMIN_HOST={config.admin_host!r}: the console would listen on a non-loopback address; "
+            "set ADMIN_TOKEN to serve it there"
+        )
 
 
 def _positive_int(raw: str) -> int:
