@@ -72,6 +72,10 @@ class DaemonConfig:
     media_cache_max_bytes: int = 1 << 30
     media_http_host: str = "0.0.0.0"
     media_http_port: int = 8080
+    # The Go deployment's layout (docs/migrating.md): MEDIA_DIR=/shared-data, MEDIA_URL_PORT=80 (its
+    # sidecar serves the directory on 80), MEDIA_HTTP_ENABLED=false (the daemon need not serve it too).
+    media_http_enabled: bool = True
+    media_url_port: int = 0  # port in media_filepath; 0: the media server's own port (80 if not serving)
     pod_ip: str = ""
     speech_timeout: float = 9.5  # call-manager waits 10 s
 
@@ -123,6 +127,8 @@ class DaemonConfig:
             media_cache_max_bytes=get("MEDIA_CACHE_MAX_BYTES", d.media_cache_max_bytes, _positive_int),
             media_http_host=get("MEDIA_HTTP_HOST", d.media_http_host, str),
             media_http_port=get("MEDIA_HTTP_PORT", d.media_http_port, _non_negative_int),
+            media_http_enabled=get("MEDIA_HTTP_ENABLED", d.media_http_enabled, _bool),
+            media_url_port=get("MEDIA_URL_PORT", d.media_url_port, _port),
             pod_ip=get("POD_IP", d.pod_ip, str),
             speech_timeout=get("SPEECH_TIMEOUT", d.speech_timeout, _positive_float),
         )
@@ -165,6 +171,13 @@ def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise ValueError("must not be negative")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port number, 1 to 65535")
     return value
 
 
