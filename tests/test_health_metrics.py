@@ -139,14 +139,46 @@ async def test_bad_requests_get_clear_statuses(nursery, autojump_clock):
     assert slow.startswith(b"HTTP/1.1 503 ") and trio.current_time() - start == pytest.approx(2.0)
 
 
+async def receive_until(stream: trio.abc.Stream, end: bytes) -> bytes:
+    received = bytearray()
+    while not received.endswith(end):
+        data = await stream.receive_some(65536)
+        assert data, bytes(received)
+        received += data
+    return bytes(received)
+
+
 async def test_every_connection_is_bounded_in_time(nursery, autojump_clock):
     server = routes_for_tests()
     start = trio.current_time()
-    assert await exchange(server, b"", nursery) == b""  # idle keep-alive: closed quietly
-    assert trio.current_time() - start == pytest.approx(30.0)
+    assert await exchange(server, b"", nursery) == b""  # a new connection that says nothing: closed
+    assert trio.current_time() - start == pytest.approx(2.0)  # the header timeout, not the idle one
     start = trio.current_time()
-    reply = await exchange(server, b"GET /hello HTTP/1.1\r\nHo", nursery)  # a request that never ends
+    reply = await exchange(server, b"GET /hello HTTP/1.1\r\nHo", nursery)  # a head that never ends
+    assert reply.startswith(b"HTTP/1.1 408 ") and trio.current_time() - start == pytest.approx(2.0)
+    start = trio.current_time()
+    raw = b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbo"  # a body that never ends
+    reply = await exchange(server, raw, nursery)
     assert reply.startswith(b"HTTP/1.1 408 ") and trio.current_time() - start == pytest.approx(5.0)
+
+    # Kept alive after a request: idle for up to 30 s, then closed quietly; a next request that is
+    # begun has the header timeout from its first byte.
+    idle, idle_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, idle_end)
+    await idle.send_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    await receive_until(idle, b"hello anyone 0\n")
+    start = trio.current_time()
+    assert await idle.receive_some(65536) == b""
+    assert trio.current_time() - start == pytest.approx(30.0)
+    kept, kept_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, kept_end)
+    await kept.send_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    await receive_until(kept, b"hello anyone 0\n")
+    await trio.sleep(20)
+    start = trio.current_time()
+    await kept.send_all(b"GET /hel")
+    assert (await kept.receive_some(65536)).startswith(b"HTTP/1.1 408 ")
+    assert trio.current_time() - start == pytest.approx(2.0)
 
     # A client that sends a request and never reads the response is dropped by the write timeout.
     client, server_end = trio.testing.lockstep_stream_pair()

@@ -57,10 +57,29 @@ def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
     tune_gc()
     try:
         trio.run(partial(run_daemon, config, engines=engines))
-    except ConfigError as exc:  # settings only checkable against what the daemon has (DEFAULT_ENGINE)
-        print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        # Settings only checkable as the daemon starts (DEFAULT_ENGINE against its voices, the console's
+        # address and socket directory) arrive here, often inside the nurseries' exception groups.
+        refusal = _configuration_error(exc)
+        if refusal is None:
+            raise
+        print(f"tts-streamer: bad configuration: {refusal}", file=sys.stderr)
         return 2
     return 0
+
+
+def _configuration_error(exc: BaseException) -> Exception | None:
+    """The configuration error ``exc`` is, or the first one in its groups if nothing else failed."""
+    from tts_streamer.supervisor.config import ConfigError
+    from tts_streamer.supervisor.console import ConsoleConfigError
+
+    if isinstance(exc, ConfigError | ConsoleConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_configuration_error(inner) for inner in exc.exceptions]
+        if found and all(found):
+            return found[0]
+    return None
 
 
 async def _simulate(host: str, port: int) -> None:

@@ -6,6 +6,7 @@ docs/configuration.md lists every variable; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import socket
@@ -71,6 +72,10 @@ class DaemonConfig:
     media_cache_max_bytes: int = 1 << 30
     media_http_host: str = "0.0.0.0"
     media_http_port: int = 8080
+    # The Go deployment's layout (docs/migrating.md): MEDIA_DIR=/shared-data, MEDIA_URL_PORT=80 (its
+    # sidecar serves the directory on 80), MEDIA_HTTP_ENABLED=false (the daemon need not serve it too).
+    media_http_enabled: bool = True
+    media_url_port: int = 0  # port in media_filepath; 0: the media server's own port (80 if not serving)
     pod_ip: str = ""
     speech_timeout: float = 9.5  # call-manager waits 10 s
 
@@ -88,7 +93,7 @@ class DaemonConfig:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from None
 
         pod_id = env.get("POD_ID") or env.get("HOSTNAME") or socket.gethostname() or d.pod_id
-        return cls(
+        config = cls(
             rabbitmq_address=get("RABBITMQ_ADDRESS", d.rabbitmq_address, str),
             pod_id=pod_id,
             amqp_prefetch=get("AMQP_PREFETCH", d.amqp_prefetch, _positive_int),
@@ -122,9 +127,13 @@ class DaemonConfig:
             media_cache_max_bytes=get("MEDIA_CACHE_MAX_BYTES", d.media_cache_max_bytes, _positive_int),
             media_http_host=get("MEDIA_HTTP_HOST", d.media_http_host, str),
             media_http_port=get("MEDIA_HTTP_PORT", d.media_http_port, _non_negative_int),
+            media_http_enabled=get("MEDIA_HTTP_ENABLED", d.media_http_enabled, _bool),
+            media_url_port=get("MEDIA_URL_PORT", d.media_url_port, _port),
             pod_ip=get("POD_IP", d.pod_ip, str),
             speech_timeout=get("SPEECH_TIMEOUT", d.speech_timeout, _positive_float),
         )
+        _check_console_exposure(config)
+        return config
 
     @property
     def shared_queue(self) -> str:
@@ -133,6 +142,22 @@ class DaemonConfig:
     @property
     def pod_queue(self) -> str:
         return f"bin-manager.tts-manager.request.{self.pod_id}"
+
+
+def _check_console_exposure(config: DaemonConfig) -> None:
+    """A console on a non-loopback address needs ADMIN_TOKEN. Only literal addresses are judged here;
+    the console judges what a host name resolved to when it binds (supervisor/console.py)."""
+    if not config.admin_host or config.admin_token:
+        return
+    try:
+        address = ipaddress.ip_address(config.admin_host.strip("[]"))
+    except ValueError:
+        return
+    if not address.is_loopback:
+        raise ConfigError(
+            f"ADMIN_HOST={config.admin_host!r}: the console would listen on a non-loopback address; "
+            "set ADMIN_TOKEN to serve it there"
+        )
 
 
 def _positive_int(raw: str) -> int:
@@ -146,6 +171,13 @@ def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise ValueError("must not be negative")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port number, 1 to 65535")
     return value
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "Console",
     "ConsoleConfigError",
     "ConsoleTimeouts",
+    "check_private_directory",
     "default_console_path",
     "serve_console",
 ]
@@ -71,6 +72,40 @@ def default_console_path() -> str:
     if runtime:
         return os.path.join(runtime, "tts-streamer", "console.sock")
     return os.path.join(tempfile.gettempdir(), f"tts-streamer-{os.getuid()}", "console.sock")
+
+
+def _our_uid() -> int:
+    return os.getuid()
+
+
+def check_private_directory(directory: str) -> None:
+    """Refuse a directory that is not ours alone: not owned by us, writable by group or others, or a
+    symlink. The default console directory sits in a shared temp dir, where anyone may have created
+    it first, to put their own socket there or read ours (issue 14, §8). Raises ConsoleConfigError."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return  # created by us (mode 0700) when the socket is bound
+    problems = []
+    if not stat.S_ISDIR(info.st_mode):
+        problems.append("not a directory" + (" (a symlink)" if stat.S_ISLNK(info.st_mode) else ""))
+    if info.st_uid != _our_uid():
+        problems.append(f"owned by uid {info.st_uid}, not {_our_uid()}")
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        problems.append(f"mode {stat.S_IMODE(info.st_mode):04o} lets group or others write to it")
+    if problems:
+        raise ConsoleConfigError(
+            f"the console directory {directory} is not private: {'; '.join(problems)}. Remove it, "
+            "or set ADMIN_SOCKET (or XDG_RUNTIME_DIR) to a directory only this user can write"
+        )
+
+
+def _check_if_default_directory(path: str) -> None:
+    """The private-directory check for the default socket path; an explicit ADMIN_SOCKET is the
+    operator's choice (it may well sit in a shared, sticky directory such as /tmp)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory == os.path.dirname(os.path.abspath(default_console_path())):
+        check_private_directory(directory)
 
 
 class _Connection:
@@ -283,6 +318,7 @@ async def _open_tcp(host: str, port: int, token: str | None) -> list[trio.Socket
 
 async def _open_unix(path: str) -> tuple[trio.SocketListener, int]:
     """Listen on ``path`` with mode 0600, replacing a stale socket file; refuse a live one."""
+    _check_if_default_directory(path)
     existing = _socket_file_state(path)
     if existing == "socket":
         if await _socket_answers(path):

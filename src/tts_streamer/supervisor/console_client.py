@@ -18,7 +18,11 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from tts_streamer.supervisor.console import default_console_path
+from tts_streamer.supervisor.console import (
+    ConsoleConfigError,
+    check_private_directory,
+    default_console_path,
+)
 
 COMMANDS = ("sessions", "show", "say", "flush", "finish", "stop", "tasks", "events", "stats", "help", "quit")
 HISTORY_FILE = os.path.join(os.path.expanduser("~"), ".tts_streamer_console_history")
@@ -88,7 +92,7 @@ def run_console_client(argv: list[str]) -> int:
     token = args.token if args.token is not None else os.environ.get("ADMIN_TOKEN") or None
     try:
         conn = _connect(args.socket, args.host, args.port, args.timeout)
-    except OSError as exc:
+    except (OSError, ConsoleConfigError) as exc:
         print(f"console: cannot connect: {exc}", file=sys.stderr)
         return 1
     with conn.sock:
@@ -127,8 +131,12 @@ def _connect(path: str | None, host: str | None, port: int, timeout: float) -> _
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(path or default_console_path())
-        except OSError:
+            if not path:
+                # Not into a directory someone else controls: their socket would read our commands.
+                path = default_console_path()
+                check_private_directory(os.path.dirname(path))
+            sock.connect(path)
+        except (OSError, ConsoleConfigError):
             sock.close()
             raise
     return _LineSocket(sock)

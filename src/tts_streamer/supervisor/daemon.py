@@ -44,6 +44,7 @@ from tts_streamer.supervisor.speeches import (
     MediaCache,
     SpeechService,
     media_base_url,
+    media_url_port,
     offline_engine_name,
 )
 from tts_streamer.supervisor.streamings import StreamingService
@@ -215,17 +216,22 @@ async def run_daemon(
                         await speakings.recover()  # rows a crashed run of this pod left live
                         cache = MediaCache(config.media_dir, config.media_cache_max_bytes)
                         await cache.setup()
-                        media_port = await services.start(
-                            partial(
-                                MediaHttpServer(config.media_dir, on_access=cache.touch).serve,
-                                config.media_http_host,
-                                config.media_http_port,
+                        media_port = 0  # not served here: another web server serves MEDIA_DIR
+                        if config.media_http_enabled:
+                            media_port = await services.start(
+                                partial(
+                                    MediaHttpServer(config.media_dir, on_access=cache.touch).serve,
+                                    config.media_http_host,
+                                    config.media_http_port,
+                                )
                             )
+                        url_port = media_url_port(
+                            config.media_url_port, media_port if config.media_http_enabled else None
                         )
                         speeches = SpeechService(
                             engines,
                             cache,
-                            base_url=media_base_url(config.pod_ip, media_port),
+                            base_url=media_base_url(config.pod_ip, url_port),
                             offline_engine=offline_engine_name(engines, config.default_engine),
                             timeout=config.speech_timeout,
                         )

@@ -2,8 +2,12 @@
 
 The server is h11 (the sans-IO HTTP/1.1 state machine) driven by Trio streams, with a tiny route table
 of async handlers, so other endpoints (file serving, say) can be added as routes. Each connection is
-bounded in time at every step: waiting for a request (keep-alive idle), receiving one, running the
-handler, and every write; a request body is bounded in size. HEAD is answered for every GET route.
+bounded in time at every step: a new connection must send its whole request head within ``header``
+seconds, a kept-alive one must begin its next request within ``idle``, then the request must be in
+within ``request``; the handler and every write are bounded too, and a request body in size. At the
+connection limit the longest-idle connection without a complete request is closed to make room
+(supervisor/http_slots.py), so idle or trickling clients cannot starve the probes. HEAD is answered for
+every GET route.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import attrs
 import h11
 import trio
 
+from tts_streamer.supervisor.http_slots import ConnectionSlots, Slot
 from tts_streamer.supervisor.metrics import Metrics
 from tts_streamer.supervisor.serving import serve_stream_listeners
 from tts_streamer.supervisor.sessions import Supervisor
@@ -95,8 +100,11 @@ Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 
 @attrs.frozen
 class HttpTimeouts:
-    idle: float = 30.0  # waiting for the next request on a kept-alive connection
-    request: float = 10.0  # from a request's first byte to its end
+    # A new connection: from accept to the end of the request head (a silent one is closed quietly,
+    # a partial head gets 408). A kept-alive connection: from its next request's first byte.
+    header: float = 2.0
+    idle: float = 5.0  # a kept-alive connection: waiting for the next request's first byte
+    request: float = 10.0  # from a request's first byte to its end, body included
     handler: float = 5.0  # producing the response
     write: float = 10.0  # each write to the client
 
@@ -119,12 +127,15 @@ class HttpServer:
         timeouts: HttpTimeouts = HttpTimeouts(),
         max_body_bytes: int = 65536,
         max_connections: int = 64,
+        name: str = "http",
     ) -> None:
         self.routes = dict(routes)
         self.fallback = fallback
         self.timeouts = timeouts
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
+        self.name = name
+        self.slots = ConnectionSlots(max_connections, name=name)
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -132,24 +143,37 @@ class HttpServer:
         listeners = await trio.open_tcp_listeners(port, host=host)
         task_status.started(listeners[0].socket.getsockname()[1])
         await serve_stream_listeners(
-            listeners, self.handle_connection, name="http", max_connections=self.max_connections
+            listeners,
+            self.handle_connection,
+            name=self.name,
+            max_connections=self.max_connections,
+            slots=self.slots,
         )
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve requests on one connection until it closes, idles out or misbehaves; then close it."""
+        with self.slots.connection() as slot:
+            await self._serve_connection(stream, slot)
+
+    async def _serve_connection(self, stream: trio.abc.Stream, slot: Slot) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        fresh = True
         try:
             while True:
-                request = await self._receive_request(conn, stream)
-                if request is None:
+                request: HttpRequest | None = None
+                with slot.receiving():  # closing this connection to make room cancels the wait
+                    request = await self._receive_request(conn, stream, slot, fresh=fresh)
+                if request is None or slot.shed:
                     return
+                fresh = False
                 response = await self._respond_to(request)
                 await self._send_response(conn, stream, request, response)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return  # Connection: close, HTTP/1.0, or a body we did not read
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not slot.shed:
+                self.slots.busy(slot)  # answering (bounded by the write timeout), not idle
                 await self._send_error(conn, stream, exc.error_status_hint, str(exc))
         except h11.LocalProtocolError:
             # A handler's response broke HTTP (e.g. a body on a 304): nothing sane can follow on it.
@@ -159,45 +183,59 @@ class HttpServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _receive_request(self, conn: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
-        """The next complete request, or None when the client closed or idled out between requests."""
-        # Bytes of a pipelined request may already be buffered: then the request has begun.
-        begun = bool(conn.trailing_data[0])
-        deadline = trio.current_time() + (self.timeouts.request if begun else self.timeouts.idle)
+    async def _receive_request(
+        self, conn: h11.Connection, stream: trio.abc.Stream, slot: Slot, *, fresh: bool
+    ) -> HttpRequest | None:
+        """The next complete request, or None when the client closed or went quiet before one."""
+        self.slots.waiting(slot)
+        timeouts = self.timeouts
+        now = trio.current_time()
+        # Bytes of a pipelined request may already be buffered: then the next request has begun.
+        received = bool(conn.trailing_data[0])
+        # A new connection's head is timed from accept; a kept-alive one's from its first byte.
+        begun_at: float | None = now if fresh or received else None
+        idle_deadline = now + timeouts.idle
         head: h11.Request | None = None
         body = bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await self._receive(stream, deadline, idle=not begun)
-                if data and not begun:
-                    # The request has begun: from here it gets the request timeout, not the idle one.
-                    begun = True
-                    deadline = trio.current_time() + self.timeouts.request
+                if begun_at is None:
+                    deadline, quiet = idle_deadline, True
+                elif head is None:
+                    deadline, quiet = begun_at + timeouts.header, not received
+                else:
+                    deadline, quiet = begun_at + max(timeouts.request, timeouts.header), False
+                data = await self._receive(stream, deadline, quiet=quiet)
+                if begun_at is None:
+                    begun_at = trio.current_time()
+                received = True
                 conn.receive_data(bytes(data))
             elif isinstance(event, h11.Request):
                 head = event
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.max_body_bytes:
+                    self.slots.busy(slot)
                     await self._send_error(conn, stream, 413, "request body too large")
                     return None
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
+                self.slots.busy(slot)
                 return _to_request(head, bytes(body))
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             else:  # pragma: no cover - h11 has no other server-side events
                 return None
 
-    async def _receive(self, stream: trio.abc.Stream, deadline: float, *, idle: bool) -> bytes | bytearray:
+    async def _receive(self, stream: trio.abc.Stream, deadline: float, *, quiet: bool) -> bytes | bytearray:
         with trio.move_on_at(deadline):
             try:
                 return await stream.receive_some(_RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise _Close from None
-        if idle:
-            raise _Close  # a kept-alive connection with nothing to say: just close it
+        if quiet:
+            raise _Close  # a connection that never began a request: just close it
         raise h11.RemoteProtocolError("request timed out", error_status_hint=408)
 
     async def _respond_to(self, request: HttpRequest) -> HttpResponse:

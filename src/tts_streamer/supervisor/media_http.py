@@ -6,7 +6,9 @@ fetches ``sound:http://<pod>/<sha1>.wav`` through it (res_http_media_cache).
 Only names directly in the directory are served: a path with more than one segment, a ``.`` or ``..``
 segment (also percent-encoded), a backslash, a NUL, a hidden name, or anything that resolves outside the
 directory (a symlink pointing out) is 404, as is anything that is not a regular file. Every wait is
-bounded: idle keep-alive, receiving a request, each write; a client that stops reading is dropped.
+bounded: the request head (2 s from accept), idle keep-alive, receiving a request, each write; a
+client that stops reading is dropped, and at the connection limit an idle connection makes room for a
+new one (supervisor/http_slots.py).
 """
 
 from __future__ import annotations
@@ -130,7 +132,12 @@ class MediaHttpServer:
         self._on_access = on_access
         self._limiter = trio.CapacityLimiter(4)
         self._server = HttpServer(
-            {}, fallback=self.answer, timeouts=timeouts, max_body_bytes=0, max_connections=max_connections
+            {},
+            fallback=self.answer,
+            timeouts=timeouts,
+            max_body_bytes=0,
+            max_connections=max_connections,
+            name="media-http",
         )
 
     async def serve(

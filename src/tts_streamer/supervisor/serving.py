@@ -3,7 +3,9 @@
 Like ``trio.serve_listeners``, but each connection runs in a task named after the server and a
 sequence number (``console[3]``, ``http[12]``) so the task tree says what it is; at most
 ``max_connections`` run at once (the rest wait in the kernel's backlog); and a handler that fails is
-logged and closed without taking the server, or the daemon, down with it.
+logged and closed without taking the server, or the daemon, down with it. A server may pass its own
+``slots`` (anything with ``acquire``/``release``, e.g. supervisor/http_slots.py, which makes room by
+closing idle connections) instead of the plain semaphore.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import errno
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -24,15 +27,27 @@ _ACCEPT_BACKOFF = 0.1
 StreamHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
+class Slots(Protocol):
+    """What the accept loop needs of its connection limit (``trio.Semaphore`` is one)."""
+
+    async def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 async def serve_stream_listeners(
     listeners: Sequence[trio.SocketListener],
     handler: StreamHandler,
     *,
     name: str,
     max_connections: int,
+    slots: Slots | None = None,
 ) -> None:
-    """Serve ``handler(stream)`` on every listener until cancelled; closes the listeners on exit."""
-    slots = trio.Semaphore(max_connections)
+    """Serve ``handler(stream)`` on every listener until cancelled; closes the listeners on exit.
+
+    ``slots`` replaces the default limit (a semaphore of ``max_connections``)."""
+    if slots is None:
+        slots = trio.Semaphore(max_connections)
     numbers = itertools.count(1)
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -42,7 +57,7 @@ async def serve_stream_listeners(
 async def _accept_loop(
     listener: trio.SocketListener,
     handler: StreamHandler,
-    slots: trio.Semaphore,
+    slots: Slots,
     numbers: itertools.count[int],
     name: str,
 ) -> None:
@@ -68,7 +83,7 @@ async def _accept_loop(
 
 
 async def _run_handler(
-    handler: StreamHandler, stream: trio.SocketStream, slots: trio.Semaphore, name: str, number: int
+    handler: StreamHandler, stream: trio.SocketStream, slots: Slots, name: str, number: int
 ) -> None:
     try:
         await handler(stream)

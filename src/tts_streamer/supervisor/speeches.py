@@ -3,9 +3,10 @@
 As the Go tts-manager (shared/reference/voipbin-wire.md §4.4): text that is not XML is wrapped in
 ``<speak>…</speak>``; the file is an 8 kHz 16-bit linear WAV named by the hex SHA-1 of (normalised text
 + language + provider + voice) + ``.wav`` in the media directory, and an existing file is a cache hit;
-the reply's ``media_filepath`` is ``http://<POD_IP as a pod DNS name>/<file>``. Providers are tried in
-Go's order (``aws``: AWS then GCP; otherwise GCP then AWS; a fallback uses an empty voice), with the
-embedded offline voice last, so the route works on a machine with no cloud credentials.
+the reply's ``media_filepath`` is ``http://<POD_IP as a pod DNS name>[:port]/<file>`` (no port when it
+is 80; MEDIA_DIR=/shared-data and MEDIA_URL_PORT=80 reproduce the Go deployment's files and URLs).
+Providers are tried in Go's order (``aws``: AWS then GCP; otherwise GCP then AWS; a fallback uses an
+empty voice), with the embedded offline voice last, so the route works without cloud credentials.
 
 Beyond Go: identical requests that arrive together synthesise once (the others wait for that file);
 text with bare ``&``/``<`` is escaped when wrapped (Go answers 500); the directory is bounded (least
@@ -41,11 +42,13 @@ from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import WireError
 from tts_streamer.adapters.wav import pcm16_wav_bytes
 from tts_streamer.supervisor.command_plane import Handler
+from tts_streamer.supervisor.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 OFFLINE_ENGINE: Final = "espeak"
 POD_DNS_SUFFIX: Final = ".bin-manager.pod.cluster.local"
+GO_MEDIA_DIR = "/shared-data"  # where the Go service writes (fixed in its code; an emptyDir or volume)
 WAV_SUFFIX: Final = ".wav"
 MAX_AUDIO_SECONDS: Final = 600  # a runaway engine cannot fill the disk: 10 min of 8 kHz audio at most
 _MAX_ULAW_BYTES: Final = 8000 * MAX_AUDIO_SECONDS
@@ -102,6 +105,41 @@ def media_base_url(pod_ip: str, port: int) -> str:
     return f"http://{host}" if port == 80 else f"http://{host}:{port}"
 
 
+def media_url_port(configured: int, served: int | None) -> int:
+    """The port in ``media_filepath``: MEDIA_URL_PORT when set, else the port the daemon serves the
+    files on, else 80 (another web server serves the directory, as the Go deployment's sidecar did)."""
+    if configured:
+        return configured
+    return served if served is not None else 80
+
+
+def check_media_dir(directory: str | os.PathLike[str]) -> None:
+    """Create ``directory`` if need be and prove the daemon can write files there, at start: a speech
+    directory it cannot write makes every ``POST /v1/speeches`` fail, so it stops the daemon instead,
+    naming MEDIA_DIR (a shared volume first created by the Go image, which ran as root, is the usual
+    cause). Blocking: call in a thread."""
+    path = Path(directory)
+    probe = path / f".write-check-{uuid.uuid4().hex}.tmp"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"MEDIA_DIR={str(directory)!r}: the daemon (uid {os.getuid()}) cannot write speech files "
+            f"there: {exc.strerror or exc}"
+        ) from None
+    if os.path.realpath(path) != os.path.realpath(GO_MEDIA_DIR) and os.path.isdir(GO_MEDIA_DIR):
+        log.warning(
+            "%s exists (the Go tts-manager's speech directory, served by its sidecar on port 80) but "
+            "MEDIA_DIR is %s: if that sidecar still serves it, set MEDIA_DIR=%s and MEDIA_URL_PORT=80 "
+            "(docs/migrating.md), or speech URLs point where it does not look",
+            GO_MEDIA_DIR,
+            directory,
+            GO_MEDIA_DIR,
+        )
+
+
 def offline_engine_name(engines: Mapping[str, object], default: str) -> str:
     """The last resort: the embedded espeak voice when the daemon has it, else its default engine."""
     return OFFLINE_ENGINE if OFFLINE_ENGINE in engines else default
@@ -143,7 +181,7 @@ class MediaCache:
         return self.directory / name
 
     async def setup(self) -> None:
-        await trio.to_thread.run_sync(lambda: self.directory.mkdir(parents=True, exist_ok=True))
+        await trio.to_thread.run_sync(check_media_dir, self.directory)
 
     async def hit(self, name: str) -> bool:
         """True (and the file's access time bumped) when ``name`` is cached."""
