@@ -25,7 +25,7 @@ import numpy as np
 import trio
 
 from tts_streamer.adapters.codecs import StreamResampler, ulaw_encode
-from tts_streamer.adapters.piper import PiperEngine, _wait_future, first_chunks
+from tts_streamer.adapters.piper import PiperEngine, _wait_future, plan_chunks
 from tts_streamer.adapters.piper_model import OUTPUT_GAIN, default_model_paths
 from tts_streamer.adapters.voice import VoiceSpec
 
@@ -78,7 +78,7 @@ class _ProcStream:
 
     async def send_text(self, text: str) -> None:
         await trio.lowlevel.checkpoint()
-        self._texts.extend(t for t, _ in first_chunks(text, first=not self._texts))
+        self._texts.extend(t for t, _ in plan_chunks(text, words_before=len(self._texts)))
 
     async def end_input(self) -> None:
         await trio.lowlevel.checkpoint()

