@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON='$(PYTHON)' sh scripts/install.sh --dev --editable $(VENV)
 	touch $(STAMP)
 
+# VOICE=piper speaks with the neural offline voice (the piper extra; `make test`'s dev install has it).
+VOICE ?= espeak
+
 demo: $(STAMP)
-	$(BIN)/tts-streamer demo --wav demo.wav
+	$(BIN)/tts-streamer demo --wav demo.wav --engine $(VOICE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

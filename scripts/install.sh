@@ -4,7 +4,7 @@
 #
 #   scripts/install.sh [--dev] [--editable] VENV_DIR [PROJECT_DIR]
 #
-#   --dev        also install the `dev` extras (pytest, ruff, mypy, linters)
+#   --dev        also install the `dev` extras (pytest, ruff, mypy, linters, and the Piper voice)
 #   --editable   install the project in editable mode (development; never in an image)
 #   VENV_DIR     created if missing (an existing venv is updated in place)
 #   PROJECT_DIR  the directory holding pyproject.toml (default: this script's parent directory)
@@ -70,8 +70,9 @@ else
     "$venv/bin/python" -m pip install --quiet "$spec"
 fi
 
-# Smoke check: every module imports, the console script exists, the offline voice is loadable.
-"$venv/bin/python" - <<'EOF'
+# Smoke check: every module imports, the console script exists, the offline voice is loadable
+# (with --dev, the Piper voice too, so its tests run rather than skip).
+TTS_INSTALL_DEV=$dev "$venv/bin/python" - <<'EOF'
 import ctypes
 import importlib
 import os
@@ -98,6 +99,16 @@ data = espeakng_loader.get_data_path()
 missing = [name for name in ("phontab", "phondata", "phonindex", "en_dict") if not os.path.isfile(os.path.join(data, name))]
 if missing:
     sys.exit(f"install.sh: espeak-ng voice data incomplete in {data}: missing {missing}")
+
+if os.environ.get("TTS_INSTALL_DEV") == "1":
+    from tts_streamer.adapters.piper_model import default_model_paths, piper_unavailable_reason
+
+    reason = piper_unavailable_reason()
+    if reason is not None:
+        sys.exit(f"install.sh: the dev install needs the Piper voice: {reason}")
+    absent = [path for path in default_model_paths() if not os.path.isfile(path)]
+    if absent:
+        sys.exit(f"install.sh: Piper voice files missing: {absent}")
 
 script = os.path.join(os.path.dirname(sys.executable), "tts-streamer")
 if not os.access(script, os.X_OK):

@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="speak two sentences into a simulated Asterisk, flushing the first")
     demo.add_argument("--wav", default="demo.wav", help="where to write what the simulated caller heard")
-    demo.add_argument("--engine", choices=["espeak", "synthetic"], default="espeak")
+    demo.add_argument(
+        "--engine",
+        choices=["espeak", "piper", "synthetic"],
+        default="espeak",
+        help="espeak (default), piper (needs the piper extra) or synthetic",
+    )
     demo.add_argument("--hold", action="store_true", help="keep the call up until SIGINT/SIGTERM")
     demo.add_argument("--lead-frames", type=int, default=3)
     demo.add_argument("--frames-per-message", type=int, default=1)
@@ -105,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_console_client(list(args.console_args))
     if args.command == "demo":
-        from tts_streamer.demo import DemoOptions, run_demo
+        from tts_streamer.demo import DemoError, DemoOptions, run_demo
 
         options = DemoOptions(
             wav_path=args.wav,
@@ -114,7 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lead_frames=args.lead_frames,
             frames_per_message=args.frames_per_message,
         )
-        return trio.run(run_demo, options)
+        try:
+            return trio.run(run_demo, options)
+        except DemoError as exc:
+            print(f"tts-streamer demo: {exc}", file=sys.stderr)
+            return 2
     if args.command == "simulate":
         trio.run(_simulate, args.host, args.port)
         return 0

@@ -60,9 +60,22 @@ class PrintingSink:
             await self._changed.wait()
 
 
+class DemoError(Exception):
+    """A one-line reason the demo cannot run (e.g. the voice asked for is not installed)."""
+
+
 def _make_engine(name: str) -> VoiceEngine:
     if name == "synthetic":
         return SyntheticEngine(seconds_per_char=0.06, speed=20.0, pattern=tone(440.0, 1.0))
+    if name == "piper":
+        from tts_streamer.adapters.piper_model import piper_unavailable_reason
+
+        reason = piper_unavailable_reason()
+        if reason is not None:
+            raise DemoError(f"the piper voice is not available: {reason}")
+        from tts_streamer.adapters.piper import PiperEngine
+
+        return PiperEngine()
     from tts_streamer.adapters.espeak import EspeakEngine
 
     return EspeakEngine()
@@ -71,6 +84,9 @@ def _make_engine(name: str) -> VoiceEngine:
 async def run_demo(options: DemoOptions) -> int:
     sim = AsteriskSimulator(accept_any=True)
     engine = _make_engine(options.engine)
+    start = getattr(engine, "start", None)
+    if start is not None:
+        await start()  # load the voice before the call, as the daemon would have (Piper: ~0.7 s)
     sink = PrintingSink(trio.current_time())
     pacing = PacingConfig(lead_frames=options.lead_frames, frames_per_message=options.frames_per_message)
     async with trio.open_nursery() as nursery:

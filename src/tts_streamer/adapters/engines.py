@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 ALIASES = {"google": "gcp", "gcp": "gcp", "polly": "aws", "aws": "aws", "elevenlabs": "elevenlabs"}
 ALIASES |= {"espeak": "espeak", "offline": "espeak"}
+ALIASES |= {"piper": "piper"}
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -38,6 +39,15 @@ def build_engines(env: Mapping[str, str]) -> tuple[dict[str, VoiceEngine], dict[
     from tts_streamer.adapters.espeak import EspeakEngine
 
     engines["espeak"] = EspeakEngine()
+    try:
+        piper, reason = _piper(env, engines["espeak"])
+    except Exception as exc:  # e.g. a bad PIPER_MAX_STREAMS: the daemon runs on without Piper
+        piper, reason = None, f"{type(exc).__name__}: {exc}"
+    if piper is not None:
+        engines["piper"] = piper
+    else:
+        unavailable["piper"] = reason
+        log.info("voice piper unavailable: %s", reason)
     chain_setting = env.get("VOICE_FALLBACK_CHAIN", "").strip()
     if chain_setting:
         fallback, reason = _fallback(env, chain_setting, engines)
@@ -163,5 +173,25 @@ def _fallback(
         first_audio_timeout=_float(env, "VOICE_FIRST_AUDIO_TIMEOUT", 2.0),
         stall_timeout=_float(env, "VOICE_STALL_TIMEOUT", 1.0),
         cooldown=_float(env, "VOICE_FALLBACK_COOLDOWN", 10.0),
+    )
+    return engine, ""
+
+
+def _piper(env: Mapping[str, str], overflow: VoiceEngine) -> tuple[VoiceEngine | None, str]:
+    """Piper when its extra is installed; the model loads on first use (or when the daemon warms it)."""
+    from tts_streamer.adapters.piper_model import piper_unavailable_reason
+
+    model = env.get("PIPER_MODEL", "").strip() or None
+    reason = piper_unavailable_reason(default_voice=model is None)
+    if reason is not None:
+        return None, reason
+    from tts_streamer.adapters.piper import DEFAULT_MAX_STREAMS, PiperEngine
+
+    engine = PiperEngine(
+        model_path=model,
+        config_path=env.get("PIPER_MODEL_CONFIG", "").strip() or None,
+        workers=int(_float(env, "PIPER_WORKERS", 2)),
+        max_streams=int(_float(env, "PIPER_MAX_STREAMS", DEFAULT_MAX_STREAMS)),
+        overflow=overflow,
     )
     return engine, ""
