@@ -22,6 +22,7 @@ from tts_streamer.adapters.elevenlabs import ElevenLabsEngine
 from tts_streamer.adapters.engines import build_engines
 from tts_streamer.adapters.fallback import FallbackEngine, VendorSwitch
 from tts_streamer.adapters.google_tts import GoogleTTSEngine
+from tts_streamer.adapters.piper_model import piper_unavailable_reason
 from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
@@ -298,7 +299,10 @@ def test_flow_variables_pick_the_voice_unless_one_is_explicit() -> None:
 
 def test_build_engines_reports_missing_credentials_and_builds_the_chain(polly_fake: PollyFake) -> None:
     engines, unavailable = build_engines({})
-    assert set(engines) == {"espeak"} and set(unavailable) == {"elevenlabs", "gcp", "aws"}
+    # The offline voices need no credentials: espeak-ng always, Piper where its extra is installed.
+    offline = {"espeak"} if piper_unavailable_reason(default_voice=True) else {"espeak", "piper"}
+    assert set(engines) == offline
+    assert set(unavailable) - {"piper"} == {"elevenlabs", "gcp", "aws"}
     assert "ELEVENLABS_API_KEY" in unavailable["elevenlabs"]
     env = {
         "ELEVENLABS_API_KEY": "k",
@@ -311,7 +315,7 @@ def test_build_engines_reports_missing_credentials_and_builds_the_chain(polly_fa
         "VOICE_FALLBACK_CHAIN": "elevenlabs -> google, polly, offline, nonsense",
     }
     engines, unavailable = build_engines(env)
-    assert unavailable == {} and set(engines) == {"elevenlabs", "gcp", "aws", "espeak", "fallback"}
+    assert unavailable == {} and set(engines) == {"elevenlabs", "gcp", "aws", "fallback"} | offline
     fallback = engines["fallback"]
     assert isinstance(fallback, FallbackEngine)
     assert [e.name for e in fallback.chain] == ["elevenlabs", "gcp", "aws", "espeak"]
