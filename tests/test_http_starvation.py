@@ -110,7 +110,7 @@ async def test_a_slowloris_is_cut_at_the_header_deadline(nursery):
         partial(serve_http, supervisor, Readiness(), Metrics(), host="127.0.0.1", port=0, timeouts=timeouts)
     )
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    trickle = b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n"
+    trickle = b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 1000 + b"\r\n\r\n"
     reply = bytearray()
     cut = trio.Event()
 
@@ -124,8 +124,8 @@ async def test_a_slowloris_is_cut_at_the_header_deadline(nursery):
 
     async with stream:
         nursery.start_soon(read)
-        with trio.fail_after(30):
-            for byte in trickle[:-4]:  # one byte every 20 ms: 5 s for the head, never completed
+        with trio.fail_after(60):
+            for byte in trickle[:-4]:  # one byte every 20 ms: 20 s for the head, never completed
                 if cut.is_set():
                     break
                 try:
@@ -223,6 +223,7 @@ async def test_when_every_connection_is_being_answered_a_new_one_waits(nursery, 
     await second.admitted.wait()
     await first.get("/held")
     await second.get("/held")
+    await trio.sleep(1)  # both requests read: both connections are being answered
     waiting = Client(server, nursery)
     await trio.sleep(50)
     assert not waiting.admitted.is_set() and server.slots.shed_total == 0
