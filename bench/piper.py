@@ -166,7 +166,7 @@ async def _load(engine: Any, streams: int, seconds: float) -> str:
     return (
         f"| {engine.name} | {streams} | {_pct(lateness, 50) * 1e3:.2f} | {_pct(lateness, 99) * 1e3:.2f} | "
         f"{max(lateness) * 1e3:.1f} | {_pct(firsts, 50) * 1e3:.0f} | {_pct(firsts, 95) * 1e3:.0f} | "
-        f"{statistics.mean(gaps) / seconds * 60:.2f} | {cpu / seconds:.2f} |"
+        f"{(statistics.mean(gaps) if gaps else 0.0) / seconds * 60:.2f} | {cpu / seconds:.2f} |"
     )
 
 
@@ -198,7 +198,9 @@ async def main(args: argparse.Namespace) -> None:
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 12, 16])
+    parser.add_argument(
+        "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 4, 8, 12, 16]
+    )
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", default="thread,process")
