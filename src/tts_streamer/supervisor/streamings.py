@@ -330,6 +330,10 @@ class StreamingService:
 
     async def _stop(self, state: StreamingState, reason: str) -> None:
         state.deleting = True
+        if state.session is not None:
+            # call-manager hangs the leg up, so Asterisk may close the socket before we stop the
+            # session: that close is this stop's doing, not a hang-up.
+            state.session.prepare_stop(reason)
         await stop_external_media_quietly(self._call_manager, state.model.id)
         if state.session is not None:
             await state.session.stop(reason)
