@@ -124,14 +124,15 @@ async def test_a_message_holds_at_most_max_message_text_bytes(nursery, autojump_
     async with open_sim_supervisor(sim, engine, nursery, config=config) as (sup, sink):
         session = await sup.start_session("c1", media_uri("c1"))
         await session.call(SayInit("m1"))
-        for _ in range(10):
+        for _ in range(9):
             await session.call(SayAdd("y" * 100))
+        await session.call(SayAdd("y" * 91))  # 9 x 100 + 91 + 9 separating spaces: the limit exactly
         with pytest.raises(CommandError) as refused:
             await session.call(SayAdd("z"))
         assert refused.value.kind == "message_too_long" and "1000" in str(refused.value)
         await session.call(SayFinish())  # the message is undisturbed: it plays to its end
         finished = await sink.wait_for(ev.PlayFinished, "c1")
-        assert finished.completed and finished.texts_added == 10 and len(finished.text) <= 1000 + 10
+        assert finished.completed and finished.texts_added == 10 and len(finished.text) == 1000
         await session.call(SayInit("m2"))  # a new message has its own budget
         await session.call(SayAdd("z"))
         assert not call.hung_up

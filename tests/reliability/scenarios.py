@@ -41,6 +41,7 @@ from tests.reliability.common import (
     wait_for_events,
 )
 from tests.reliability.fuzz import fuzz
+from tests.reliability.lifecycle import blocked_media_send_flush, say_add_flood
 from tests.reliability.soak import soak
 from tests.test_amqp_resilience import (
     broker_pid_of,
@@ -440,4 +441,6 @@ SCENARIOS: list[Scenario] = [
     vendor_faults,
     soak,
     fuzz,
+    blocked_media_send_flush,
+    say_add_flood,
 ]

@@ -294,7 +294,8 @@ class Session:
             raise CommandError("no_message", "say_add before say_init")
         if message.finishing:
             raise CommandError("message_finished", f"message {message.message_id} is already finished")
-        size = len(text.encode("utf-8"))
+        # Counted as message_play_finished reports it: the texts joined by single spaces.
+        size = len(text.encode("utf-8")) + (1 if message.texts else 0)
         limit = self._config.max_message_text_bytes
         if message.text_bytes + size > limit:
             raise CommandError(
