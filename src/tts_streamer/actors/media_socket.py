@@ -123,9 +123,11 @@ class MediaSocket:
 
     @property
     def queued_ms(self) -> float:
-        """Audio waiting here (not yet written), in milliseconds."""
+        """Audio waiting here (not yet written) and in the channel from the vendor, in milliseconds."""
         frames = sum(1 for item in self._queue if isinstance(item, _Frame))
-        return frames * self._ptime * 1000 + len(self._partial) / self._frame_bytes * self._ptime * 1000
+        here = frames * self._ptime * 1000 + len(self._partial) / self._frame_bytes * self._ptime * 1000
+        channel: float = getattr(self._audio, "queued_ms", 0.0)  # an AudioChannel knows; a bare channel not
+        return here + channel
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
