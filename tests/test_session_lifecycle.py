@@ -180,3 +180,22 @@ async def test_stop_racing_every_command_answers_it(nursery, autojump_clock, com
             assert sink.of(ev.Stopped, "c1")[0].reason == "deleted"
             assert tasks_of("c1") == []
             assert engine.open_streams == 0
+
+
+async def test_a_command_whose_caller_was_cancelled_before_it_started_is_not_done(nursery, autojump_clock):
+    sim = AsteriskSimulator(seed=7)
+    sim.expect("c1")
+    engine = SlowReleaseEngine(release_delay=1.0, seconds_per_char=0.1)
+    with trio.fail_after(60):
+        async with open_sim_supervisor(sim, engine, nursery, config=PATIENT) as (sup, sink):
+            session = await sup.start_session("c1", media_uri("c1"))
+            await session.call(SayInit("m1"))
+            await session.call(SayAdd(LONG))
+            await sink.wait_for(ev.PlayStarted, "c1")
+            async with trio.open_nursery() as callers:
+                callers.start_soon(session.call, SayFlush())  # in progress for 1 s (the release)
+                await trio.sleep(0.1)
+                with trio.move_on_after(0.2):  # e.g. the AMQP lane shut down
+                    await session.call(SayInit("m2"))
+            await session.call(SayFinish())
+            assert [e.message_id for e in sink.of(ev.Initiated, "c1")] == ["m1"]

@@ -146,10 +146,13 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise CommandError("session_ended", f"session {self.call_id} has ended") from None
         limit = self._config.command_timeout if patience is None else patience
-        with trio.move_on_after(limit):
-            return await reply.wait()
-        # A no-op if the reply was completed meanwhile: then that result is returned below.
-        reply.fail(CommandError("timeout", f"session {self.call_id} did not answer within {limit} s"))
+        try:
+            with trio.move_on_after(limit):
+                return await reply.wait()
+        finally:
+            # Timed out, or the caller was cancelled: a command not started yet is then skipped. A
+            # no-op when the reply is already complete (then that result is returned below).
+            reply.fail(CommandError("timeout", f"session {self.call_id} did not answer within {limit} s"))
         return await reply.wait()
 
     def prepare_stop(self, reason: str) -> None:
