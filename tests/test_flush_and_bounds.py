@@ -21,6 +21,7 @@ from tts_streamer.adapters.chan_websocket.client import MediaConnection
 from tts_streamer.adapters.synthetic import SyntheticEngine, SyntheticStream, fill_byte
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.fakes.asterisk import AsteriskSimulator
+from tts_streamer.supervisor.metrics import Metrics, run_session_command
 
 
 async def test_flush_media_goes_out_at_once_while_the_vendor_is_still_releasing(nursery, autojump_clock):
@@ -50,6 +51,24 @@ async def test_flush_media_goes_out_at_once_while_the_vendor_is_still_releasing(
     old_fill = fill_byte(old)
     assert not [m for m in call.queued if m.time > flush_cmd.time and m.data[0] == old_fill]
     assert [f for f in call.played if f.data[0] == fill_byte(new)]
+
+
+async def test_flush_to_silence_is_measured_to_flush_media_not_to_the_reply(nursery, autojump_clock):
+    sim = AsteriskSimulator(seed=5)
+    sim.expect("c1")
+    engine = SlowReleaseEngine(release_delay=1.0, seconds_per_char=0.1)
+    metrics = Metrics()
+    async with open_sim_supervisor(sim, engine, nursery) as (sup, sink):
+        await sup.start_session("c1", media_uri("c1"))
+        await run_session_command(sup, "c1", SayInit(), metrics)
+        await run_session_command(sup, "c1", SayAdd("words " * 20), metrics)
+        await sink.wait_for(ev.PlayStarted, "c1")
+        started = trio.current_time()
+        await run_session_command(sup, "c1", SayFlush(), metrics)
+        assert trio.current_time() - started >= 1.0  # the reply waited for the release
+    observed = metrics.registry.get_sample_value("tts_streamer_flush_to_silence_seconds_sum")
+    assert metrics.registry.get_sample_value("tts_streamer_flush_to_silence_seconds_count") == 1
+    assert observed is not None and observed < 0.1
 
 
 async def test_audio_of_a_flushed_utterance_arriving_after_flush_media_is_never_sent(autojump_clock):

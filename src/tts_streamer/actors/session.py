@@ -117,6 +117,9 @@ class Session:
         self._stopping: str | None = None
         self._done = trio.Event()
         self._in_flight: Reply | None = None  # the command taken off the inbox and being applied
+        # When the last flush's FLUSH_MEDIA was written (trio time): the caller hears silence from
+        # then, while the flush's reply may still wait for the vendor's release.
+        self.last_flush_silent_at: float | None = None
         self._message: MessageState | None = None
         self._open_utterance: int | None = None
         self._next_utterance = 0
@@ -330,6 +333,7 @@ class Session:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(vendor.wait_released, name=f"vendor-release[{self.call_id}]")
             dropped = await media.flush(live_from)
+            self.last_flush_silent_at = trio.current_time()
         self._open_utterance = None
         message = self._message
         earlier: list[MessageState] = []  # finished messages still playing when the flush came
