@@ -51,7 +51,9 @@ async def test_delete_is_bookkept_as_deleted_not_as_a_socket_failure(caplog):
             assert reasons == ["deleted"]
             assert ended(rig, "deleted") == 1 and ended(rig, "hangup") == 0
             assert rig.call_manager.deleted == [uuid.UUID(sid)]
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("tts_streamer")]
+    warnings = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("tts_streamer")
+    ]
     assert not warnings, [r.getMessage() for r in warnings]
 
 
