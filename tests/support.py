@@ -13,7 +13,7 @@ from tts_streamer.actors.events import SessionEvent
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator, memory_dialer
+from tts_streamer.fakes.asterisk import AsteriskSimulator, Dialer, memory_dialer
 from tts_streamer.supervisor.console_views import task_tree
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 
@@ -65,14 +65,16 @@ async def open_sim_supervisor(
     *,
     pacing: PacingConfig = PacingConfig(),
     sink: RecordingSink | None = None,
+    config: SessionConfig | None = None,
+    dialer: Dialer | None = None,
 ) -> AsyncIterator[tuple[Supervisor, RecordingSink]]:
     sink = sink or RecordingSink()
     async with open_supervisor(
         engines={engine.name: engine},
         default_engine=engine.name,
-        dialer=memory_dialer(sim, nursery),
+        dialer=dialer or memory_dialer(sim, nursery),
         events=sink,
-        config=SessionConfig(pacing=pacing),
+        config=config or SessionConfig(pacing=pacing),
     ) as supervisor:
         yield supervisor, sink
 

@@ -109,6 +109,8 @@ async def test_serve_answers_and_drains_on_sigterm(
             try:
                 with trio.fail_after(15):
                     await wait_serving(rig, pod_queue, process, stderr)
+                # Leave the leg to the daemon (no ARI hang-up on DELETE): this test checks its own close.
+                rig.call_manager.hangup_delay = None
                 body: dict[str, Any] = {
                     "customer_id": str(uuid.uuid4()),
                     "reference_type": "call",

@@ -42,6 +42,7 @@ from tests.reliability.common import (
 )
 from tests.reliability.fuzz import fuzz
 from tests.reliability.http_starvation import http_starvation
+from tests.reliability.lifecycle import blocked_media_send_flush, say_add_flood
 from tests.reliability.soak import soak
 from tests.test_amqp_resilience import (
     broker_pid_of,
@@ -442,4 +443,6 @@ SCENARIOS: list[Scenario] = [
     soak,
     fuzz,
     http_starvation,
+    blocked_media_send_flush,
+    say_add_flood,
 ]

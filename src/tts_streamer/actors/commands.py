@@ -82,6 +82,10 @@ class Reply:
             self._error = error
             self._event.set()
 
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
     async def wait(self) -> object:
         await self._event.wait()
         if self._error is not None:

@@ -8,6 +8,8 @@ Up to ``frames_per_message`` due frames travel in one binary message; Asterisk s
 
 Flush drops everything queued here, discards audio still in the channel from flushed utterances, and
 sends FLUSH_MEDIA, all under the send lock, so no frame produced before a flush is written after it.
+It does not wait for the vendor: audio of a flushed utterance that arrives later (a vendor stream still
+being released) is recognised by its utterance number and dropped on arrival.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from tts_streamer.actors.audio import AudioChunk, AudioItem, UtteranceEnd
+from tts_streamer.actors.audio import AudioChunk, AudioItem, AudioSource, UtteranceEnd
 from tts_streamer.actors.stats import LatenessRecorder
 from tts_streamer.adapters.chan_websocket import protocol
 from tts_streamer.adapters.chan_websocket.client import MediaConnection
@@ -89,7 +91,7 @@ class MediaSocket:
     def __init__(
         self,
         conn: MediaConnection,
-        audio: trio.MemoryReceiveChannel[AudioItem],
+        audio: AudioSource,
         listener: PlayoutListener,
         config: PacingConfig = PacingConfig(),
     ) -> None:
@@ -121,9 +123,11 @@ class MediaSocket:
 
     @property
     def queued_ms(self) -> float:
-        """Audio waiting here (not yet written), in milliseconds."""
+        """Audio waiting here (not yet written) and in the channel from the vendor, in milliseconds."""
         frames = sum(1 for item in self._queue if isinstance(item, _Frame))
-        return frames * self._ptime * 1000 + len(self._partial) / self._frame_bytes * self._ptime * 1000
+        here = frames * self._ptime * 1000 + len(self._partial) / self._frame_bytes * self._ptime * 1000
+        channel: float = getattr(self._audio, "queued_ms", 0.0)  # an AudioChannel knows; a bare channel not
+        return here + channel
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -134,7 +138,8 @@ class MediaSocket:
     async def flush(self, live_from: int) -> int:
         """Drop every frame of utterances below ``live_from`` and empty Asterisk's queue.
 
-        Returns how many frames were dropped here. The vendor must already have stopped producing.
+        Returns how many frames were dropped here. The vendor need not have stopped: from here on,
+        audio of those utterances is dropped as it arrives (``_accept``).
         """
         async with self._send_lock:
             self._live_from = live_from

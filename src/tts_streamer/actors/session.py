@@ -1,16 +1,18 @@
 """Session actor: one per call. Owns the MediaSocket and Vendor actors and applies commands in order.
 
 Commands arrive through the session's inbox and run one at a time in the session's own task, so the
-order callers sent them in is the order they take effect. Flush cancels the vendor's scope, drops the
-audio queued between the actors and sends FLUSH_MEDIA; the call stays up. Stop cancels the session's
-scope from outside the inbox (it must not wait behind queued commands); the media socket then closes
-normally under a shielded, bounded scope, which hangs up the external-media leg.
+order callers sent them in is the order they take effect. Every command's ``Reply`` is completed exactly
+once: with its result, its CommandError, or ``session_ended`` when the session ends first (queued or
+already in progress); a caller waits at most ``command_timeout`` (then ``timeout``, and a command
+still queued is skipped). Flush sends FLUSH_MEDIA and drops the audio queued between the actors first,
+releasing the vendor stream concurrently; the call stays up. Stop cancels the session's scope from
+outside the inbox (it must not wait behind queued commands); the media socket then closes normally
+under a shielded, bounded scope, which hangs up the external-media leg.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +22,7 @@ import trio
 
 from tts_streamer import logcontext
 from tts_streamer.actors import events as ev
-from tts_streamer.actors.audio import AudioItem
+from tts_streamer.actors.audio import AudioChannel
 from tts_streamer.actors.commands import (
     Command,
     CommandError,
@@ -55,14 +57,24 @@ class SessionConfig:
     timeouts: MediaTimeouts = MediaTimeouts()
     pacing: PacingConfig = PacingConfig()
     max_text_bytes: int = 5000
+    # The text one message may hold, all its say_adds together (it is also what message_play_finished
+    # reports as total_message): about an hour of speech, far below what any broker refuses to carry.
+    max_message_text_bytes: int = 64 * 1024
     inbox_size: int = 64
-    audio_queue_chunks: int = 32
+    # Texts waiting for the vendor (each at most max_text_bytes); past it say_add answers "busy".
+    vendor_inbox_items: int = 64
+    # Audio between the vendor and the pacer, in milliseconds (the vendor waits beyond it).
+    audio_queue_ms: int = 1000
+    # The longest a caller waits for a command's reply (then "timeout"): a flush may wait for a
+    # vendor's release (ElevenLabs' close handshake is bounded at 1 s), and the callers give up at 3 s.
+    command_timeout: float = 2.0
 
 
 @attrs.define
 class MessageState:
     message_id: str
     texts: list[str] = attrs.field(factory=list)
+    text_bytes: int = 0
     unplayed: set[int] = attrs.field(factory=set)
     frames_sent: int = 0
     flushes: int = 0
@@ -101,7 +113,13 @@ class Session:
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Command, Reply]](config.inbox_size)
         self._scope = trio.CancelScope()
         self._stop_reason = "stopped"
+        # Set by prepare_stop: the leg is being torn down on purpose, so a peer close is expected.
+        self._stopping: str | None = None
         self._done = trio.Event()
+        self._in_flight: Reply | None = None  # the command taken off the inbox and being applied
+        # When the last flush's FLUSH_MEDIA was written (trio time): the caller hears silence from
+        # then, while the flush's reply may still wait for the vendor's release.
+        self.last_flush_silent_at: float | None = None
         self._message: MessageState | None = None
         self._open_utterance: int | None = None
         self._next_utterance = 0
@@ -115,8 +133,12 @@ class Session:
     def message_id(self) -> str | None:
         return None if self._message is None else self._message.message_id
 
-    async def call(self, command: Command) -> object:
-        """Queue a command behind earlier ones and wait for its result (raises CommandError)."""
+    async def call(self, command: Command, *, patience: float | None = None) -> object:
+        """Queue a command behind earlier ones and wait for its result (raises CommandError).
+
+        Waits at most ``patience`` seconds (default: the config's ``command_timeout``), then raises
+        CommandError("timeout"); a command whose caller timed out before it started is skipped.
+        """
         if self._done.is_set():
             raise CommandError("session_ended", f"session {self.call_id} has ended")
         reply = Reply()
@@ -126,12 +148,26 @@ class Session:
             raise CommandError("busy", f"session {self.call_id} has too many queued commands") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise CommandError("session_ended", f"session {self.call_id} has ended") from None
+        limit = self._config.command_timeout if patience is None else patience
+        try:
+            with trio.move_on_after(limit):
+                return await reply.wait()
+        finally:
+            # Timed out, or the caller was cancelled: a command not started yet is then skipped. A
+            # no-op when the reply is already complete (then that result is returned below).
+            reply.fail(CommandError("timeout", f"session {self.call_id} did not answer within {limit} s"))
         return await reply.wait()
+
+    def prepare_stop(self, reason: str) -> None:
+        """Say the session is about to be stopped for ``reason`` (e.g. a DELETE, before call-manager
+        hangs the leg up): a peer close from now on is the expected end, recorded as ``reason``."""
+        if not self._done.is_set() and self._stopping is None:
+            self._stopping = reason
 
     async def stop(self, reason: str = "stopped") -> None:
         """Cancel the session and wait for its cleanup. Harmless when already stopped."""
         if not self._scope.cancel_called:
-            self._stop_reason = reason
+            self._stop_reason = self._stopping or reason
             self._scope.cancel(reason=reason)
         await self._done.wait()
 
@@ -149,12 +185,16 @@ class Session:
             # WebSocket machinery, whose reader must stay alive to complete the close handshake.
             async with open_media_connection(self.media_uri, self._dialer, self._config.timeouts) as conn:
                 self.connection = conn
-                audio_send, audio_recv = trio.open_memory_channel[AudioItem](self._config.audio_queue_chunks)
-                vendor_send, vendor_recv = trio.open_memory_channel[VendorItem](math.inf)
+                audio = AudioChannel(self._config.audio_queue_ms)
+                # Room for every admitted text plus one end of input per utterance (at most one
+                # more than the texts queued): sends of an EndOfInput never block or fail.
+                vendor_send, vendor_recv = trio.open_memory_channel[VendorItem](
+                    2 * self._config.vendor_inbox_items + 1
+                )
                 self._vendor_inbox = vendor_send
-                self.media = MediaSocket(conn, audio_recv, self, self._config.pacing)
+                self.media = MediaSocket(conn, audio, self, self._config.pacing)
                 self._vendor = Vendor(
-                    self.engine, self.voice, vendor_recv, audio_send, self, name=f"vendor[{self.call_id}]"
+                    self.engine, self.voice, vendor_recv, audio, self, name=f"vendor[{self.call_id}]"
                 )
                 with self._scope:
                     async with trio.open_nursery() as nursery:
@@ -163,7 +203,12 @@ class Session:
                         self.state = "idle"
                         started = True
                         task_status.started(self)
-                        await self._serve_commands()
+                        try:
+                            await self._serve_commands()
+                        finally:
+                            # Ending (stop, hang-up, media or internal error): answer now, not
+                            # after the bounded close of the socket that follows.
+                            self._end_commands()
         except* MediaSocketClosed as group:
             self._fail(started, group, "hangup")
         except* MediaSocketError as group:
@@ -177,8 +222,7 @@ class Session:
             self._stop_reason = "internal_error"
         finally:
             self.state = "stopped"
-            self._inbox_send.close()
-            self._fail_pending_commands()
+            self._end_commands()
             if started:
                 self._emit(ev.Stopped(self.call_id, self._stop_reason))
             self._done.set()
@@ -187,26 +231,46 @@ class Session:
         error = group.exceptions[0]
         if not started:
             raise SessionStartError(str(error)) from error
+        if self._stopping is not None:
+            # Our own teardown (call-manager hung the leg up for a DELETE) closed it first: not a failure.
+            log.info(
+                "call=%s media socket closed while stopping (%s): %s", self.call_id, self._stopping, error
+            )
+            self._stop_reason = self._stopping
+            return
         log.warning("call=%s media socket ended the session: %s", self.call_id, error)
         self._emit(ev.SessionError(self.call_id, str(error), reason))
         self._stop_reason = reason
 
-    def _fail_pending_commands(self) -> None:
+    def _end_commands(self) -> None:
+        """Take no more commands; answer the one in progress and the queued ones ``session_ended``."""
+        self._inbox_send.close()
+        ended = CommandError("session_ended", f"session {self.call_id} has ended")
+        if self._in_flight is not None:
+            # Cancelled (stop) or broken (hang-up, media or internal error) mid-command.
+            self._in_flight.fail(ended)
+            self._in_flight = None
         while True:
             try:
                 _command, reply = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
-            reply.fail(CommandError("session_ended", f"session {self.call_id} has ended"))
+            reply.fail(ended)
 
     async def _serve_commands(self) -> None:
         async for command, reply in self._inbox:
+            if reply.done:
+                continue  # its caller gave up waiting before it started: do not do it late
+            # Kept until answered: if this task is cancelled or broken meanwhile, run()'s finally
+            # answers it (session_ended).
+            self._in_flight = reply
             try:
                 result = await self._apply(command)
             except CommandError as exc:
                 reply.fail(exc)
             else:
                 reply.succeed(result)
+            self._in_flight = None
 
     async def _apply(self, command: Command) -> object:
         if isinstance(command, SayInit):
@@ -236,21 +300,40 @@ class Session:
             raise CommandError("no_message", "say_add before say_init")
         if message.finishing:
             raise CommandError("message_finished", f"message {message.message_id} is already finished")
+        # Counted as message_play_finished reports it: the texts joined by single spaces.
+        size = len(text.encode("utf-8")) + (1 if message.texts else 0)
+        limit = self._config.max_message_text_bytes
+        if message.text_bytes + size > limit:
+            raise CommandError(
+                "message_too_long",
+                f"message {message.message_id} would hold {message.text_bytes + size} bytes of text, "
+                f"the limit is {limit}",
+            )
         assert self._vendor_inbox is not None
+        if self._vendor_inbox.statistics().current_buffer_used >= self._config.vendor_inbox_items:
+            raise CommandError("busy", f"{self._config.vendor_inbox_items} texts already wait for the vendor")
         if self._open_utterance is None:
             self._open_utterance = self._next_utterance
             self._next_utterance += 1
             self._utterance_message[self._open_utterance] = message
             message.unplayed.add(self._open_utterance)
         message.texts.append(text)
+        message.text_bytes += size
         self.state = "speaking"
         self._vendor_inbox.send_nowait(TextItem(self._open_utterance, text))
 
     async def _say_flush(self, *, end_message: bool) -> int:
-        assert self._vendor is not None and self.media is not None
+        vendor, media = self._vendor, self.media
+        assert vendor is not None and media is not None
         live_from = self._next_utterance
-        await self._vendor.flush(live_from)
-        dropped = await self.media.flush(live_from)
+        # Silence first: FLUSH_MEDIA and the local drop do not wait for the vendor's release (a
+        # vendor round trip). Whatever the released stream still pushes is below live_from, and the
+        # MediaSocket drops it on arrival; the reply waits for both.
+        vendor.cancel(live_from)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vendor.wait_released, name=f"vendor-release[{self.call_id}]")
+            dropped = await media.flush(live_from)
+            self.last_flush_silent_at = trio.current_time()
         self._open_utterance = None
         message = self._message
         earlier: list[MessageState] = []  # finished messages still playing when the flush came

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from tts_streamer.actors.audio import AudioChunk, AudioItem, UtteranceEnd
+from tts_streamer.actors.audio import AudioChunk, AudioSink, UtteranceEnd
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec, VoiceStream
 from tts_streamer.exceptions import first_of
 
@@ -51,7 +51,7 @@ class Vendor:
         engine: VoiceEngine,
         voice: VoiceSpec,
         inbox: trio.MemoryReceiveChannel[VendorItem],
-        audio_out: trio.MemorySendChannel[AudioItem],
+        audio_out: AudioSink,
         listener: VendorListener,
         *,
         name: str = "vendor",
@@ -70,9 +70,20 @@ class Vendor:
 
     async def flush(self, live_from: int) -> None:
         """Kill every utterance below ``live_from`` and return once the vendor stream is released."""
+        self.cancel(live_from)
+        await self.wait_released()
+
+    def cancel(self, live_from: int) -> None:
+        """Kill every utterance below ``live_from`` now, without waiting for the stream's release:
+        from here on their inbox items are skipped; their audio is the MediaSocket's to drop."""
         self._live_from = live_from
         if self._lookahead is not None and self._lookahead.utterance < live_from:
             self._lookahead = None
+        if self._scope is not None:
+            self._scope.cancel(reason="flush")
+
+    async def wait_released(self) -> None:
+        """Return once no utterance below the live mark holds a vendor stream."""
         while self._scope is not None:
             self._scope.cancel(reason="flush")
             await self._scope_exited.wait()

@@ -217,6 +217,7 @@ class _Leg:
         start = trio.current_time()
         if config.bridge_delay is not None:
             call.bridged_at = start + config.bridge_delay
+        call.hangup_hook = lambda: self._end("ari", 1000)
         with self._scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, name=f"sim-writer[{call.connection_id}]")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +139,22 @@ class SimCall:
     caller_frames_sent: int = 0
     ticks_lost: int = 0
     hung_up: bool = False
-    # client_close | connection_lost | HANGUP | simulated | oversize | write_timeout | shutdown
+    # client_close | connection_lost | HANGUP | simulated | ari | oversize | write_timeout | shutdown
     hangup_by: str | None = None
     closed_code: int | None = None
     closed_at: float | None = None
     connected: trio.Event = attrs.field(factory=trio.Event, repr=False)
     ended: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    # Set by the running leg: ends it as a channel hang-up from outside (see hang_up).
+    hangup_hook: Callable[[], None] | None = attrs.field(default=None, repr=False)
+
+    def hang_up(self) -> bool:
+        """Hang the channel up as ARI does when call-manager deletes the external media: Asterisk
+        closes the socket with 1000 (``hangup_by`` "ari"). False when the leg is not running."""
+        if self.hangup_hook is None or self.ended.is_set():
+            return False
+        self.hangup_hook()
+        return True
 
     def bridge(self) -> None:
         """Bridge the leg now (for bridge_delay=None); later ticks are heard, caller audio starts."""

@@ -1,8 +1,9 @@
 """A fake voipbin call-manager: answers external-media create/delete over the real broker.
 
 It consumes ``bin-manager.call-manager.request`` and, for each created external media, registers a
-leg on the Asterisk simulator and hands out its ``media_uri`` (see voipbin-wire.md §6.3). Modes let
-tests make it fail (plain 500, a typed error) or answer late.
+leg on the Asterisk simulator and hands out its ``media_uri`` (see voipbin-wire.md §6.3); deleting one
+hangs its leg up at the simulator a few ms later, as ARI does. Modes let tests make it fail (plain 500,
+a typed error) or answer late.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class FakeCallManager:
     mode: str = "ok"  # ok | error500 | typed_error | slow
     slow_delay: float = 3.5
     leg_config: SimConfig | None = None  # how the simulated legs behave (faults, control format)
+    # As the real call-manager: deleting an external media hangs its channel up (ARI), so Asterisk
+    # closes the socket this long after the DELETE arrived, before call-manager answers it. None: the
+    # leg is left to the client to close.
+    hangup_delay: float | None = 0.009
+    answer_delay: float = 0.005
     created: dict[uuid.UUID, str] = attrs.field(factory=dict)  # external media id -> connection id
     requests: list[envelope.Request] = attrs.field(factory=list)
     deleted: list[uuid.UUID] = attrs.field(factory=list)
@@ -69,6 +75,11 @@ class FakeCallManager:
             if media_id not in self.created or media_id in self.deleted:
                 return envelope.plain_error(500)  # as CM does for ids it no longer has
             self.deleted.append(media_id)
+            call = self.sim.calls.get(self.created[media_id])
+            if call is not None and self.hangup_delay is not None:
+                await trio.sleep(self.hangup_delay)
+                call.hang_up()
+                await trio.sleep(self.answer_delay)  # its answer comes after the hang-up
             return envelope.ok({"id": str(media_id), "status": "terminating"})
         return envelope.plain_error(404)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Protocol
 
 import trio
 
@@ -26,6 +27,15 @@ class CallManagerError(Exception):
         self.response = response
         # No answer came: call-manager may still be doing (and later finish) what was asked.
         self.unanswered = unanswered
+
+
+class ExternalMedias(Protocol):
+    """What the services need of call-manager: external media create and delete (CallManager over the
+    broker; an in-memory fake in the tests). Both raise CallManagerError."""
+
+    async def create_external_media(self, request: ExternalMediaCreate) -> ExternalMedia: ...
+
+    async def delete_external_media(self, media_id: uuid.UUID) -> None: ...
 
 
 class CallManager:
@@ -77,7 +87,7 @@ class CallManager:
         return reply
 
 
-async def stop_external_media_quietly(call_manager: CallManager, media_id: uuid.UUID) -> None:
+async def stop_external_media_quietly(call_manager: ExternalMedias, media_id: uuid.UUID) -> None:
     """Best effort, shielded, bounded by the call-manager timeout: for cleanup paths whose outcome
     is already decided (a failed create, a hang-up, a DELETE)."""
     with trio.CancelScope(shield=True):

@@ -50,6 +50,8 @@ class DaemonConfig:
     call_manager_timeout: float = 3.0
     delete_forward_timeout: float = 1.0
     max_text_bytes: int = 5000
+    max_message_text_bytes: int = 64 * 1024  # all say_adds of one message; bounds total_message too
+    command_timeout: float = 2.0  # a caller's wait for a session's reply; callers give up at 3 s
     event_buffer: int = 10_000
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
@@ -107,6 +109,8 @@ class DaemonConfig:
             call_manager_timeout=get("CALL_MANAGER_TIMEOUT", d.call_manager_timeout, _positive_float),
             delete_forward_timeout=get("DELETE_FORWARD_TIMEOUT", d.delete_forward_timeout, _positive_float),
             max_text_bytes=get("MAX_TEXT_BYTES", d.max_text_bytes, _positive_int),
+            max_message_text_bytes=get("MAX_MESSAGE_TEXT_BYTES", d.max_message_text_bytes, _positive_int),
+            command_timeout=get("COMMAND_TIMEOUT", d.command_timeout, _positive_float),
             event_buffer=get("EVENT_BUFFER", d.event_buffer, _positive_int),
             drain_timeout=get("DRAIN_TIMEOUT", d.drain_timeout, _positive_float),
             default_engine=get("DEFAULT_ENGINE", d.default_engine, str),

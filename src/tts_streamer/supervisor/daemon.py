@@ -146,6 +146,8 @@ async def run_daemon(
         timeouts=MediaTimeouts(media_start=config.media_start_timeout),
         pacing=PacingConfig(lead_frames=config.lead_frames, frames_per_message=config.frames_per_message),
         max_text_bytes=config.max_text_bytes,
+        max_message_text_bytes=config.max_message_text_bytes,
+        command_timeout=config.command_timeout,
     )
     metrics = Metrics()
     readiness = Readiness(vendors_unavailable=unavailable)

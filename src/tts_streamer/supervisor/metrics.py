@@ -186,7 +186,8 @@ class Metrics:
         )
         self.flush_to_silence = Histogram(
             PREFIX + "flush_to_silence_seconds",
-            "From a flush command's arrival to FLUSH_MEDIA being sent (vendor released, queue dropped).",
+            "From a flush command's arrival to FLUSH_MEDIA being sent (queues dropped; the vendor is "
+            "released concurrently).",
             buckets=FLUSH_BUCKETS,
             registry=registry,
         )
@@ -289,18 +290,23 @@ async def run_session_command(
 ) -> object:
     """The command planes' one way into a session: ``supervisor.call``, plus the metrics around it.
 
-    A flush is timed from here (its arrival at the daemon) to its reply, which the session sends once
-    FLUSH_MEDIA is written: that is the flush-to-silence latency. Refusals are counted by kind.
+    A flush is timed from here (its arrival at the daemon) to FLUSH_MEDIA being written, which the
+    session records: that is the flush-to-silence latency (its reply may come later, once the vendor
+    stream is released too). Refusals are counted by kind.
     """
     started = trio.current_time()
     try:
-        result = await supervisor.call(call_id, command)
+        session = supervisor.get(call_id)
+        result = await session.call(command)
     except CommandError as exc:
         if metrics is not None:
             metrics.command_error(exc.kind)
         raise
     if metrics is not None and isinstance(command, SayFlush):
-        metrics.observe_flush(trio.current_time() - started)
+        silent_at = session.last_flush_silent_at
+        if silent_at is None or silent_at < started:
+            silent_at = trio.current_time()
+        metrics.observe_flush(silent_at - started)
     return result
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -32,9 +32,12 @@ from tts_streamer.adapters.voipbin import envelope, models
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
-from tts_streamer.supervisor.call_manager import CallManager, CallManagerError, stop_external_media_quietly
+from tts_streamer.supervisor.call_manager import (
+    CallManagerError,
+    ExternalMedias,
+    stop_external_media_quietly,
+)
 from tts_streamer.supervisor.command_plane import Handler, NotOwned, RouteCall
-from tts_streamer.supervisor.event_publisher import EventPublisher
 from tts_streamer.supervisor.metrics import Metrics, run_session_command
 from tts_streamer.supervisor.sessions import Supervisor
 
@@ -63,6 +66,12 @@ class StreamingState:
     wire_message_id: uuid.UUID | None = None
 
 
+class EventPublishing(Protocol):
+    """Where voipbin events go (the EventPublisher; a collecting fake in the tests): must not block."""
+
+    def publish(self, event: envelope.Event) -> None: ...
+
+
 # Called once when a streaming ends, whatever ended it: (streaming id, reason).
 EndListener = Callable[[uuid.UUID, str], None]
 
@@ -71,8 +80,8 @@ class StreamingService:
     def __init__(
         self,
         supervisor: Supervisor,
-        call_manager: CallManager,
-        publisher: EventPublisher,
+        call_manager: ExternalMedias,
+        publisher: EventPublishing,
         nursery: trio.Nursery,
         *,
         pod_id: str,
@@ -330,6 +339,10 @@ class StreamingService:
 
     async def _stop(self, state: StreamingState, reason: str) -> None:
         state.deleting = True
+        if state.session is not None:
+            # call-manager hangs the leg up, so Asterisk may close the socket before we stop the
+            # session: that close is this stop's doing, not a hang-up.
+            state.session.prepare_stop(reason)
         await stop_external_media_quietly(self._call_manager, state.model.id)
         if state.session is not None:
             await state.session.stop(reason)

@@ -1,0 +1,243 @@
+"""Reliability scenarios of issue 14 §1 and §5: a command in progress when its session dies, and a say_add
+flood. Real clock, real broker, the Asterisk simulator on loopback (see scenarios.py for the conventions)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, NoReturn
+
+import trio
+
+from tests.amqp_support import open_rig
+from tests.reliability.common import (
+    Row,
+    Settings,
+    check_once,
+    command,
+    daemon_idle,
+    delete,
+    gather,
+    not_ok,
+    orphaned_media,
+    say,
+    sid_of,
+    wait_for_events,
+)
+from tests.test_amqp_resilience import create, poll_until
+from tts_streamer.adapters.synthetic import SyntheticEngine
+from tts_streamer.adapters.voipbin.envelope import EventType, Response
+from tts_streamer.supervisor.metrics import count_tasks
+
+# Small kernel buffers on the relay's side of a stalled leg, so the daemon's socket fills in seconds.
+STALL_RCVBUF = 4096
+
+
+class MediaRelay:
+    """A TCP relay in front of the Asterisk simulator whose daemon->Asterisk direction can stop being
+    read: the peer's receive buffer fills, then the daemon's send buffer, then its paced send blocks."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.stalled = False
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[MediaRelay] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        for listener in listeners:
+            listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALL_RCVBUF)
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, down: trio.SocketStream) -> None:
+        try:
+            up = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+        except OSError:
+            await down.aclose()
+            return
+        async with down, up, trio.open_nursery() as nursery:
+
+            async def pump(source: trio.SocketStream, sink: trio.SocketStream, stallable: bool) -> None:
+                try:
+                    while True:
+                        data = await source.receive_some(STALL_RCVBUF)
+                        if not data:
+                            break
+                        if stallable and self.stalled:
+                            await trio.sleep_forever()  # stopped reading, for good
+                        await sink.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump, down, up, True)
+            nursery.start_soon(pump, up, down, False)
+
+
+async def blocked_media_send_flush(settings: Settings) -> Row:
+    """A speaking streaming whose media socket stops being read (the peer's receive buffer fills and the
+    paced send blocks), then say_flush, then GET, DELETE and say_stop for the same id; a neighbour speaks
+    meanwhile.
+
+    lost = any of those four commands not answered within 3 s (a wedged lane); + the stalled streaming's
+    streaming_deleted not exactly once; + the neighbour's message not played to its end, or with
+    underruns; + command lanes, streamings or sessions left in the daemon; + the daemon's task count not
+    back to its idle value; + external medias left created at the fake call-manager.
+    """
+    row = Row("blocked media send + flush", "leg stops reading (send blocks), then flush/GET/DELETE/stop", 2)
+    engine = SyntheticEngine(seconds_per_char=0.05, speed=2.0)
+    with trio.fail_after(60):
+        async with open_rig(engine=engine) as rig, trio.open_nursery() as nursery:
+            cm = rig.call_manager
+            relay: MediaRelay = await nursery.start(MediaRelay(cm.media_port).serve)
+            await trio.sleep(0.2)
+            idle_tasks = count_tasks()
+            neighbour = await create(rig)
+            await say(rig, neighbour, "N" * 200, finish=True)  # 10 s of audio
+            direct_port, cm.media_port = cm.media_port, relay.port
+            try:
+                stalled = await create(rig)
+            finally:
+                cm.media_port = direct_port
+            await say(rig, stalled, "S" * 1200, finish=False)  # a minute of audio
+            await wait_for_events(rig, [stalled], EventType.MESSAGE_PLAY_STARTED, 5)
+            session = rig.daemon.supervisor.get(stalled)
+            relay.stalled = True
+            stalled_at = trio.current_time()
+            # The paced send is blocked once frames stop going out (the daemon's socket buffer is full).
+            assert session.media is not None
+            sent, still_since = session.media.stats.messages_sent, trio.current_time()
+            while trio.current_time() - still_since < 0.3 and not session.ended:
+                await trio.sleep(0.05)
+                if session.media.stats.messages_sent != sent:
+                    sent, still_since = session.media.stats.messages_sent, trio.current_time()
+            blocked_after = still_since - stalled_at
+            replies: dict[str, Response | None] = {}
+            took: dict[str, float] = {}
+            for action in ("say_flush", "GET", "DELETE", "say_stop"):
+                started = time.monotonic()
+                if action == "GET":
+                    reply = await rig.caller.call(rig.pod_queue(), f"/v1/streamings/{stalled}", "GET")
+                elif action == "DELETE":
+                    reply = await delete(rig, stalled)
+                else:
+                    reply = await command(rig, stalled, action)
+                replies[action], took[action] = reply, time.monotonic() - started
+                row.lose(f"{action} for the stalled streaming unanswered within 3 s", reply is None)
+            await wait_for_events(rig, [stalled], EventType.STREAMING_DELETED, 5)
+            unfinished = await wait_for_events(rig, [neighbour], EventType.MESSAGE_PLAY_FINISHED, 15)
+            row.lose("neighbour's message not finished", len(unfinished))
+            row.lose(f"neighbour DELETE answered {replies}", not_ok(await delete(rig, neighbour)))
+            await wait_for_events(rig, [neighbour], EventType.STREAMING_DELETED, 5)
+            await trio.sleep(0.3)
+            check_once(row, rig, [stalled, neighbour], [EventType.STREAMING_DELETED])
+            short = [
+                e
+                for e in rig.caller.of(EventType.MESSAGE_PLAY_FINISHED)
+                if sid_of(e) == neighbour and not e.data.get("message_finish")
+            ]
+            row.lose("neighbour's message cut short", len(short))
+            row.lose("neighbour underruns", rig.sim_call_for(neighbour).underruns)
+            with trio.move_on_after(5):
+                await poll_until(lambda: daemon_idle(rig))
+            daemon = rig.daemon
+            row.lose("command lanes left", len(daemon.plane._lanes))
+            row.lose("streamings left in memory", len(daemon.streamings.streamings))
+            row.lose("sessions left running", len(daemon.supervisor))
+            with trio.move_on_after(5):
+                await poll_until(lambda: count_tasks() <= idle_tasks, interval=0.05)
+            tasks_after = count_tasks()
+            row.lose(f"tasks {idle_tasks} -> {tasks_after}", max(0, tasks_after - idle_tasks))
+            row.lose("external media left created", len(orphaned_media(rig)))
+            nursery.cancel_scope.cancel()
+    answers = ", ".join(f"{a} {_refusal(r)} in {took[a]:.2f} s" for a, r in replies.items())
+    row.figures = (
+        f"send blocked {blocked_after:.1f} s after the stall; {answers}; tasks {idle_tasks} -> {tasks_after}"
+    )
+    return row
+
+
+def _refusal(reply: Response | None) -> str:
+    if reply is None:
+        return "none"
+    if reply.status_code == 200:
+        return "ok"
+    data: Any = reply.data
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return str(reason or reply.status_code)
+
+
+MAX_MESSAGE_TEXT_BYTES = 64 * 1024  # the daemon's default
+RSS_GROWTH_BOUND = 12 * 2**20  # the unbounded daemon grew 17 MiB over this flood (issue 14 §5)
+
+
+async def say_add_flood(settings: Settings) -> Row:
+    """One streaming gets a flood of say_adds in one message (full form: 10,000 x 18 B then 3,000 x
+    4,900 B, as in issue 14 §5; quick: 300 then 40, still past the 64 KiB bound), 50 callers at a time
+    (one lane: the daemon works them off in order, some 15 a second on a busy 2-core machine); a
+    neighbour speaks meanwhile. The daemon runs in a process of its own, so its RSS is its own.
+
+    lost = say_adds unanswered within 3 s, or refused with anything but the typed MESSAGE_TOO_LONG / BUSY;
+    + none refused at all (nothing bounded the message); + say_stop not answered 200, or the flooded
+    message's message_play_finished missing, or its total_message empty or over MAX_MESSAGE_TEXT_BYTES;
+    + the neighbour's message not played to its end, or with underruns; + the daemon's RSS growing by
+    more than 12 MiB over the flood; + streaming_deleted not exactly once after the DELETEs.
+    """
+    small, large = (300, 40) if settings.quick else (10_000, 3_000)
+    row = Row("say_add flood", f"{small} x 18 B + {large} x 4,900 B say_adds to one message", 2)
+    engine = SyntheticEngine(seconds_per_char=0.05, speed=4.0)
+    with trio.fail_after(90 if settings.quick else 1800):
+        async with open_rig(engine=engine, child=True) as rig:
+            daemon = rig.child
+            assert daemon is not None
+            neighbour = await create(rig)
+            await say(rig, neighbour, "N" * 200, finish=True)  # 10 s of audio at 0.05 s per char
+            flooded = await create(rig)
+            message_id = await say(rig, flooded, "start. ", finish=False)
+            rss_before = daemon.rss_kib() * 1024
+            texts = ["flood flood flood "] * small + [("x" * 48 + " ") * 98] * large
+            outcomes: dict[str, int] = {}
+
+            async def add(text: str) -> None:
+                reply = await command(rig, flooded, "say_add", {"message_id": message_id, "text": text})
+                kind = _refusal(reply)
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+
+            started = time.monotonic()
+            await gather(texts, add, limit=50)
+            flood_took = time.monotonic() - started
+            rss_after = daemon.rss_kib() * 1024
+            bad = {k: n for k, n in outcomes.items() if k not in {"ok", "MESSAGE_TOO_LONG", "BUSY"}}
+            row.lose(f"say_adds unanswered or refused otherwise: {bad}", sum(bad.values()))
+            row.lose("no say_add refused: the message is unbounded", not (set(outcomes) - {"ok"}))
+            # An hour of text will not play out here: say_stop ends the message, and its
+            # message_play_finished carries everything it held (total_message).
+            stop = await command(rig, flooded, "say_stop")
+            row.lose(f"say_stop after the flood answered {stop}", not_ok(stop))
+            await wait_for_events(rig, [flooded], EventType.MESSAGE_PLAY_FINISHED, 5)
+            unfinished = await wait_for_events(rig, [neighbour], EventType.MESSAGE_PLAY_FINISHED, 15)
+            row.lose("neighbour's message not finished", len(unfinished))
+            row.lose("flooded streaming DELETE", not_ok(await delete(rig, flooded)))
+            row.lose("neighbour DELETE", not_ok(await delete(rig, neighbour)))
+            await wait_for_events(rig, [flooded, neighbour], EventType.STREAMING_DELETED, 10)
+            await trio.sleep(0.3)
+            check_once(row, rig, [flooded, neighbour], [EventType.STREAMING_DELETED])
+            finished = [e for e in rig.caller.of(EventType.MESSAGE_PLAY_FINISHED) if sid_of(e) == flooded]
+            row.lose("flooded message's message_play_finished missing", not finished)
+            total = max((len(str(e.data.get("total_message", "")).encode()) for e in finished), default=0)
+            row.lose(f"total_message of {total} bytes", not 0 < total <= MAX_MESSAGE_TEXT_BYTES)
+            short = [
+                e
+                for e in rig.caller.of(EventType.MESSAGE_PLAY_FINISHED)
+                if sid_of(e) == neighbour and not e.data.get("message_finish")
+            ]
+            row.lose("neighbour's message cut short", len(short))
+            row.lose("neighbour underruns", rig.sim_call_for(neighbour).underruns)
+    growth = rss_after - rss_before
+    row.lose(f"RSS grew {growth / 2**20:.1f} MiB", growth > RSS_GROWTH_BOUND)
+    row.figures = (
+        f"{len(texts)} say_adds in {flood_took:.1f} s: {dict(sorted(outcomes.items()))}; "
+        f"total_message {total} B; RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+    )
+    return row
