@@ -60,7 +60,20 @@ def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
     except ConfigError as exc:  # settings only checkable against what the daemon has (DEFAULT_ENGINE)
         print(f"tts-streamer: bad configuration: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        # Raised inside the daemon's nurseries (e.g. a broker object declared with other arguments):
+        # still one line and status 2 when configuration errors are all there is.
+        errors, rest = group.split(ConfigError)
+        if errors is None or rest is not None:
+            raise
+        print(f"tts-streamer: bad configuration: {_first_leaf(errors)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _simulate(host: str, port: int) -> None:

@@ -73,11 +73,13 @@ def topology(config: DaemonConfig) -> Topology:
     return Topology(
         consume=(
             QueueSpec(config.shared_queue, durable=True, auto_delete=False, bind_to=tuple(shared_bindings)),
-            # Per-pod: volatile, so a dead pod leaves nothing behind and stale requests expire.
+            # Per-pod: durable with a queue TTL (x-expires), as RabbitMQ recommends since transient
+            # non-exclusive queues are denied (4.3): a dead pod's queue goes away once unused for
+            # x-expires, and a request older than x-message-ttl expires instead of running late.
             QueueSpec(
                 config.pod_queue,
-                durable=False,
-                auto_delete=True,
+                durable=True,
+                auto_delete=False,
                 arguments={
                     "x-expires": config.per_pod_queue_expires_ms,
                     "x-message-ttl": config.per_pod_message_ttl_ms,
