@@ -109,6 +109,7 @@ class AmqpBridge:
         self._timeout = timeout
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._probe_channel: aio_pika.abc.AbstractChannel | None = None
+        self._probe_lock = trio.Lock()
         self._reply_queue: aio_pika.abc.AbstractRobustQueue | None = None
         self._pending: dict[str, tuple[trio.Event, list[bytes]]] = {}
         self._consumer_tags: list[tuple[aio_pika.abc.AbstractRobustQueue, str]] = []
@@ -149,29 +150,28 @@ class AmqpBridge:
         """Does queue ``name`` exist (e.g. a caller's reply queue)? None when the broker cannot tell.
 
         A passive declare of a missing queue (404) or of another connection's exclusive queue (405,
-        which means it exists) closes the channel, so probes run on a channel of their own that is
-        reopened after each such answer.
+        which means it exists) closes the channel, so probes run one at a time on a channel of their
+        own, opened again after each such answer.
         """
-        try:
-            channel = self._probe_channel
-            if channel is None or channel.is_closed:
-                channel = self._probe_channel = await self._aio(self._connection.channel)
-            await trio_asyncio.aio_as_trio(channel.declare_queue)(name, passive=True, timeout=self._timeout)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            return False
-        except aiormq.exceptions.ChannelLockedResource:
-            return True  # exclusive to the caller's connection: it is there
-        except (
-            TimeoutError,
-            AmqpUnavailable,
-            aio_pika.exceptions.AMQPError,
-            ConnectionError,
-            OSError,
-            RuntimeError,
-        ) as exc:
-            log.warning("could not tell whether queue %s exists: %s", name, exc)
-            return None
-        return True
+        async with self._probe_lock:
+            try:
+                channel = self._probe_channel
+                if channel is None or channel.is_closed:
+                    # A plain channel: a robust one would reopen itself after every 404/405.
+                    channel = aio_pika.Channel(connection=self._connection, publisher_confirms=False)
+                    await self._aio(channel.initialize)
+                    self._probe_channel = channel
+                await self._aio(channel.declare_queue, name, passive=True)
+            except AmqpUnavailable as exc:
+                self._probe_channel = None
+                cause = exc.__cause__
+                if isinstance(cause, aio_pika.exceptions.ChannelNotFoundEntity):
+                    return False
+                if isinstance(cause, aiormq.exceptions.ChannelLockedResource):
+                    return True  # exclusive to the caller's connection: it is there
+                log.warning("could not tell whether queue %s exists: %s", name, exc)
+                return None
+            return True
 
     async def publish(
         self,
@@ -260,8 +260,8 @@ class AmqpBridge:
             cause = exc.__cause__
             if isinstance(cause, aio_pika.exceptions.ChannelPreconditionFailed):
                 raise TopologyConflict(
-                    f"RabbitMQ refused to declare {kind} {name!r}: {cause}. An {kind} of that name "
-                    f"already exists with other properties (a leftover, e.g. of the Go service); "
+                    f"RabbitMQ refused to declare {kind} {name!r}: {cause}. A {kind} of that name "
+                    f"already exists with other properties (a leftover, e.g. of the Go service): "
                     f"delete it (rabbitmqctl delete_{kind} {name}) or use another name"
                 ) from None
             raise

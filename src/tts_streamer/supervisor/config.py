@@ -43,13 +43,17 @@ class DaemonConfig:
     amqp_prefetch: int = 10
     amqp_timeout: float = 3.0
     per_pod_queue_expires_ms: int = 1_800_000
-    per_pod_message_ttl_ms: int = 3_000  # callers give up after 3 s; older requests only make orphans
+    # The broker's share of the callers' 3 s: a per-pod request is started only within
+    # REQUEST_TIMEOUT - TTL of its receipt, so that TTL + local wait stays inside the caller's timeout.
+    per_pod_message_ttl_ms: int = 2_500
+    request_timeout: float = 3.0  # voipbin's callers give up after 3 s
     delay_exchange: bool = False
     create_timeout: float = 2.5
     call_manager_timeout: float = 3.0
     delete_forward_timeout: float = 1.0
     max_text_bytes: int = 5000
     event_buffer: int = 10_000
+    event_max_bytes: int = 1 << 20  # larger events are refused (RabbitMQ 4.x's own limit: 16 MiB)
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
     lead_frames: int = 3
@@ -97,12 +101,14 @@ class DaemonConfig:
                 "PER_POD_QUEUE_EXPIRES_MS", d.per_pod_queue_expires_ms, _positive_int
             ),
             per_pod_message_ttl_ms=get("PER_POD_MESSAGE_TTL_MS", d.per_pod_message_ttl_ms, _positive_int),
+            request_timeout=get("REQUEST_TIMEOUT", d.request_timeout, _positive_float),
             delay_exchange=get("DELAY_EXCHANGE", d.delay_exchange, _bool),
             create_timeout=get("CREATE_TIMEOUT", d.create_timeout, _positive_float),
             call_manager_timeout=get("CALL_MANAGER_TIMEOUT", d.call_manager_timeout, _positive_float),
             delete_forward_timeout=get("DELETE_FORWARD_TIMEOUT", d.delete_forward_timeout, _positive_float),
             max_text_bytes=get("MAX_TEXT_BYTES", d.max_text_bytes, _positive_int),
             event_buffer=get("EVENT_BUFFER", d.event_buffer, _positive_int),
+            event_max_bytes=get("EVENT_MAX_BYTES", d.event_max_bytes, _positive_int),
             drain_timeout=get("DRAIN_TIMEOUT", d.drain_timeout, _positive_float),
             default_engine=get("DEFAULT_ENGINE", d.default_engine, str),
             lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
@@ -125,6 +131,13 @@ class DaemonConfig:
             pod_ip=get("POD_IP", d.pod_ip, str),
             speech_timeout=get("SPEECH_TIMEOUT", d.speech_timeout, _positive_float),
         )
+
+    def __attrs_post_init__(self) -> None:
+        if self.per_pod_message_ttl_ms >= self.request_timeout * 1000:
+            raise ConfigError(
+                f"PER_POD_MESSAGE_TTL_MS={self.per_pod_message_ttl_ms} must be below REQUEST_TIMEOUT "
+                f"({self.request_timeout} s): a request the broker held that long has no time left to run"
+            )
 
     @property
     def shared_queue(self) -> str:
