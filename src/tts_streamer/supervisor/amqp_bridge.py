@@ -108,8 +108,6 @@ class AmqpBridge:
         self._connection = connection
         self._timeout = timeout
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
-        self._probe_channel: aio_pika.abc.AbstractChannel | None = None
-        self._probe_lock = trio.Lock()
         self._reply_queue: aio_pika.abc.AbstractRobustQueue | None = None
         self._pending: dict[str, tuple[trio.Event, list[bytes]]] = {}
         self._consumer_tags: list[tuple[aio_pika.abc.AbstractRobustQueue, str]] = []
@@ -150,28 +148,30 @@ class AmqpBridge:
         """Does queue ``name`` exist (e.g. a caller's reply queue)? None when the broker cannot tell.
 
         A passive declare of a missing queue (404) or of another connection's exclusive queue (405,
-        which means it exists) closes the channel, so probes run one at a time on a channel of their
-        own, opened again after each such answer.
+        which means it exists) closes the channel, so each probe opens a channel of its own (a plain
+        one: a robust channel would reopen itself after the broker closed it), and probes can run
+        concurrently.
         """
-        async with self._probe_lock:
-            try:
-                channel = self._probe_channel
-                if channel is None or channel.is_closed:
-                    # A plain channel: a robust one would reopen itself after every 404/405.
-                    channel = aio_pika.Channel(connection=self._connection, publisher_confirms=False)
-                    await self._aio(channel.initialize)
-                    self._probe_channel = channel
-                await self._aio(channel.declare_queue, name, passive=True)
-            except AmqpUnavailable as exc:
-                self._probe_channel = None
-                cause = exc.__cause__
-                if isinstance(cause, aio_pika.exceptions.ChannelNotFoundEntity):
-                    return False
-                if isinstance(cause, aiormq.exceptions.ChannelLockedResource):
-                    return True  # exclusive to the caller's connection: it is there
-                log.warning("could not tell whether queue %s exists: %s", name, exc)
-                return None
-            return True
+        channel = aio_pika.Channel(connection=self._connection, publisher_confirms=False)
+        try:
+            await self._aio(channel.initialize)
+            await self._aio(channel.declare_queue, name, passive=True)
+        except AmqpUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aio_pika.exceptions.ChannelNotFoundEntity):
+                return False
+            if isinstance(cause, aiormq.exceptions.ChannelLockedResource):
+                return True  # exclusive to the caller's connection: it is there
+            log.warning("could not tell whether queue %s exists: %s", name, exc)
+            return None
+        finally:
+            if not channel.is_closed:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._aio(channel.close)
+                    except AmqpUnavailable:
+                        pass
+        return True
 
     async def publish(
         self,
