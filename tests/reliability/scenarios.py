@@ -19,6 +19,7 @@ import grpc
 import trio
 
 from tests.amqp_support import open_rig, run_pod
+from tests.reliability.burst import request_burst
 from tests.reliability.common import (
     CREATE_DEADLINE,
     LEAD_FRAMES,
@@ -440,4 +441,5 @@ SCENARIOS: list[Scenario] = [
     vendor_faults,
     soak,
     fuzz,
+    request_burst,
 ]

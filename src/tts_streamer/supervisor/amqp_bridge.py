@@ -316,15 +316,24 @@ class AmqpBridge:
                 await message.ack()
             self.stats.deliveries += 1
             stamp = message.timestamp
+            headers = dict(message.headers or {})
+            # The broker's own arrival stamp (RabbitMQ >= 3.12 message interceptor), in milliseconds.
+            stamp_ms = headers.get("timestamp_in_ms")
             delivery = Delivery(
                 queue=queue_name,
                 body=message.body,
                 reply_to=message.reply_to or None,
                 correlation_id=message.correlation_id,
-                headers=dict(message.headers or {}),
+                headers=headers,
                 received_at=trio.current_time(),
                 redelivered=bool(message.redelivered),
-                timestamp=stamp.timestamp() if isinstance(stamp, datetime.datetime) else None,
+                timestamp=(
+                    stamp_ms / 1000
+                    if isinstance(stamp_ms, int) and not isinstance(stamp_ms, bool)
+                    else stamp.timestamp()
+                    if isinstance(stamp, datetime.datetime)
+                    else None
+                ),
                 token=message if manual_ack else None,
             )
             try:

@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     pass
 
 
+# Between the broker sending a delivery and the daemon seeing it (frames buffered in the socket and the
+# client library while the process is busy): time a request's deadline must leave for what cannot be
+# measured.
+DELIVERY_ALLOWANCE = 0.5
+
+
 def _xdg_dir(variable: str, fallback: str, *parts: str) -> str:
     base = os.environ.get(variable) or os.path.join(os.path.expanduser("~"), fallback)
     return os.path.join(base, "tts-streamer", *parts)
@@ -44,8 +50,8 @@ class DaemonConfig:
     amqp_timeout: float = 3.0
     per_pod_queue_expires_ms: int = 1_800_000
     # The broker's share of the callers' 3 s: a per-pod request is started only within
-    # REQUEST_TIMEOUT - TTL of its receipt, so that TTL + local wait stays inside the caller's timeout.
-    per_pod_message_ttl_ms: int = 2_500
+    # REQUEST_TIMEOUT - TTL - DELIVERY_ALLOWANCE of its receipt (command-plane.md).
+    per_pod_message_ttl_ms: int = 2_000
     request_timeout: float = 3.0  # voipbin's callers give up after 3 s
     delay_exchange: bool = False
     create_timeout: float = 2.5
@@ -133,10 +139,11 @@ class DaemonConfig:
         )
 
     def __attrs_post_init__(self) -> None:
-        if self.per_pod_message_ttl_ms >= self.request_timeout * 1000:
+        if self.per_pod_message_ttl_ms / 1000 + DELIVERY_ALLOWANCE >= self.request_timeout:
             raise ConfigError(
-                f"PER_POD_MESSAGE_TTL_MS={self.per_pod_message_ttl_ms} must be below REQUEST_TIMEOUT "
-                f"({self.request_timeout} s): a request the broker held that long has no time left to run"
+                f"PER_POD_MESSAGE_TTL_MS={self.per_pod_message_ttl_ms} must be at least "
+                f"{DELIVERY_ALLOWANCE * 1000:.0f} ms below REQUEST_TIMEOUT ({self.request_timeout} s): a "
+                f"request the broker held that long would have no time left to run"
             )
 
     @property

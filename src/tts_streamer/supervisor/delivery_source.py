@@ -15,9 +15,16 @@ no expiration). What is known:
   so on the per-pod queue at most ``PER_POD_MESSAGE_TTL_MS``; on the shared queue (declared as Go
   declares it, no TTL) anything.
 
-So a request is started only if ``now - received < caller_timeout - broker_wait(queue)`` (and its
-timestamp, if any, is younger than ``caller_timeout``): on the per-pod queue that guarantees it starts
-before its caller's deadline. On the shared queue the receipt bound alone cannot, so creates there (the
+- what cannot be measured: the delivery may sit in the socket and the client library for a while
+  before the daemon sees it, when the process is busy (``delivery_allowance``, 0.5 s).
+
+So a request is started only if ``now - received < caller_timeout - broker_wait(queue) -
+delivery_allowance`` (and its timestamp, if any, is younger than ``caller_timeout``): on the per-pod
+queue that keeps its start before its caller's deadline. A broker that stamps messages on arrival
+(RabbitMQ >= 3.12: ``message_interceptors.incoming.set_header_timestamp.overwrite = false`` adds the
+``timestamp_in_ms`` header) makes the first rule exact, whatever the queue.
+
+On the shared queue the receipt bound alone cannot, so creates there (the
 requests whose late execution does harm) also ask the broker whether the caller's reply queue still
 exists (server-named, exclusive, auto-delete: it goes away when the caller gives up).
 """
@@ -33,6 +40,7 @@ import trio
 
 from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.supervisor.amqp_bridge import Delivery
+from tts_streamer.supervisor.config import DELIVERY_ALLOWANCE
 
 # Creating a streaming dials a call leg and makes call-manager create an external media: run late, for
 # a caller that gave up, it makes an orphan nobody deletes. These routes check their caller is there.
@@ -77,6 +85,7 @@ class RequestDeadlines:
     route_timeouts: Mapping[RouteName, float] = attrs.field(
         factory=lambda: {RouteName.SPEECH_CREATE: SPEECH_CALLER_TIMEOUT}
     )
+    delivery_allowance: float = DELIVERY_ALLOWANCE
     wall_clock: Callable[[], float] = time.time
 
     def timeout(self, route: RouteName | None) -> float:
@@ -84,7 +93,7 @@ class RequestDeadlines:
 
     def local_budget(self, delivery: Delivery, route: RouteName | None) -> float:
         """How long the request may wait here, after receipt, before it must not be started."""
-        return self.timeout(route) - self.broker_wait.get(delivery.queue, 0.0)
+        return self.timeout(route) - self.broker_wait.get(delivery.queue, 0.0) - self.delivery_allowance
 
     def expired(self, delivery: Delivery, route: RouteName | None, now: float) -> str | None:
         """Why the request's caller can no longer be waiting (``timestamp``, ``timeout``), or None."""
