@@ -8,6 +8,7 @@ connection, so "exists" is a 405 RESOURCE_LOCKED and "gone" a 404, and both clos
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import aio_pika
@@ -18,6 +19,7 @@ import trio_asyncio
 from tests.amqp_support import open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url, private_vhost
 from tests.services import require_rabbitmq
+from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import EventType
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 from tts_streamer.supervisor.amqp_bridge import Topology, open_amqp_bridge
@@ -111,3 +113,37 @@ async def test_reply_queue_probe_on_the_real_broker() -> None:
                 assert await bridge.queue_exists(queue.name) is False  # the caller gave up
             finally:
                 await aio(caller.close)()
+
+
+async def test_a_broker_arrival_stamp_older_than_the_timeout_is_not_started(private_amqp_url: str) -> None:
+    """RabbitMQ's arrival-timestamp interceptor adds ``timestamp_in_ms``; a request whose stamp is older
+    than the callers' timeout is answered 503 and never reaches its handler (here: a say_add that would
+    otherwise be a typed 404 for an unknown streaming)."""
+    with trio.fail_after(30):
+        async with open_rig() as rig:
+            aio = trio_asyncio.aio_as_trio
+            channel = await aio(rig.caller.connection.channel)()
+            try:
+                reply_queue = await aio(channel.declare_queue)(exclusive=True, auto_delete=True)
+                replies: list[bytes] = []
+                got = trio.Event()
+
+                async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                    replies.append(message.body)
+                    got.set()
+
+                await aio(reply_queue.consume)(on_reply, no_ack=True)
+                body = envelope.render_request(
+                    envelope.make_request(f"/v1/streamings/{uuid.uuid4()}/say_add", "POST", {"text": "x"})
+                )
+                stamp_ms = int((time.time() - 10) * 1000)
+                message = aio_pika.Message(
+                    body, reply_to=reply_queue.name, headers={"timestamp_in_ms": stamp_ms}
+                )
+                await aio(channel.default_exchange.publish)(message, routing_key=rig.pod_queue())
+                await got.wait()
+            finally:
+                await aio(channel.close)()
+            reply = envelope.parse_response(replies[0])
+            assert (reply.status_code, reply.data["reason"]) == (503, "REQUEST_EXPIRED")
+            assert rig.daemon.plane.stats.not_started["timestamp"] == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,11 +20,10 @@ import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.amqp_support import open_rig, run_pod
+from tests.amqp_support import Rig, open_rig, run_pod
 from tests.reliability.common import CREATE_DEADLINE, Row, Settings, create_body
-from tests.test_amqp_resilience import create
 from tts_streamer.adapters.voipbin import envelope
-from tts_streamer.adapters.voipbin.envelope import EventType
+from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 
@@ -69,6 +68,21 @@ async def open_burst(connection: Any) -> AsyncIterator[Burst]:
             await aio(channel.close)()
 
 
+async def create_on(rig: Rig) -> Response:
+    return await rig.request(rig.pod_queue(), "/v1/streamings", "POST", create_body())
+
+
+async def _setup(step: Callable[[], Awaitable[Response]]) -> Any:
+    """A set-up step (not what is measured): on a machine busy enough that even a lone request waits
+    past its budget, it is answered 503 REQUEST_EXPIRED; try again."""
+    for _ in range(5):
+        reply = await step()
+        if reply.status_code != 503:
+            break
+    assert reply.status_code == 200, reply
+    return reply.data["id"] if isinstance(reply.data, dict) else None
+
+
 async def request_burst(settings: Settings) -> Row:
     """Creates are left in the shared queue by callers that gave up (no pod consuming it), then a pod
     starts; once it serves N streamings with a current message, a burst of say_adds (each with its own
@@ -99,12 +113,12 @@ async def request_burst(settings: Settings) -> Row:
                     return await original(streaming_id, data)
 
                 streamings.say_add = recording_say_add  # type: ignore[method-assign]
-                sids = [await create(rig) for _ in range(n)]
+                sids = [await _setup(lambda: create_on(rig)) for _ in range(n)]
                 message_ids = {}
                 for sid in sids:
                     message_ids[sid] = str(uuid.uuid4())
-                    reply = await rig.streaming(sid, "say_init", {"message_id": message_ids[sid]})
-                    assert reply.status_code == 200, reply
+                    data = {"message_id": message_ids[sid]}
+                    await _setup(lambda: rig.streaming(sid, "say_init", data))  # noqa: B023
                 async with open_burst(rig.caller.connection) as burst:
                     for i in range(burst_size):
                         sid = sids[i % n]
