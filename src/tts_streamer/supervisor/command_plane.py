@@ -143,6 +143,11 @@ class CommandPlane:
             self.stats.errors["no_route"] += 1
             self._nursery.start_soon(self._answer, delivery, None, envelope.plain_error(404))
             return
+        if delivery.headers.get(FORWARDED_HEADER) == self._pod_id:
+            # Our own forward, back through the fanout: we forwarded it because we do not own the id
+            # (and its lane is busy waiting for the owner), so it could only be answered with silence.
+            self._nursery.start_soon(self._bridge.ack, delivery)
+            return
         if match.id is None:
             self._nursery.start_soon(
                 self._take_up_and_handle, delivery, request, match, name=f"request[{match.name.value}]"
