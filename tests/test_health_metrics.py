@@ -230,6 +230,8 @@ def test_every_family_of_issue_3_is_exposed():
         "tts_streamer_events_published",
         "tts_streamer_events_dropped",
         "tts_streamer_events_pending",
+        "tts_streamer_requests_not_started",
+        "tts_streamer_events_refused",
         # prometheus_client's ProcessCollector (Linux): the standard process families
         "process_cpu_seconds",
         "process_max_fds",

@@ -19,6 +19,7 @@ import grpc
 import trio
 
 from tests.amqp_support import open_rig, run_pod
+from tests.reliability.burst import request_burst
 from tests.reliability.common import (
     CREATE_DEADLINE,
     LEAD_FRAMES,
@@ -445,4 +446,5 @@ SCENARIOS: list[Scenario] = [
     http_starvation,
     blocked_media_send_flush,
     say_add_flood,
+    request_burst,
 ]

@@ -3,12 +3,22 @@
 ``open_amqp_bridge`` keeps a robust connection (reconnecting and re-declaring by itself), consumes the
 configured queues into a Trio channel of ``Delivery`` objects, publishes with publisher confirms under a
 timeout, and runs request/reply calls over one exclusive reply queue with correlation ids. Every
-aio-pika failure surfaces as ``AmqpUnavailable``; nothing else in the daemon imports aio_pika.
+aio-pika failure surfaces as ``AmqpUnavailable`` (``AmqpRefused`` when the broker took the publish but
+refused that message); nothing else in the daemon imports aio_pika.
+
+With ``Topology.manual_ack`` deliveries are not acknowledged on receipt: the consumer of
+``deliveries`` calls ``ack`` when it takes one up, so the prefetch window bounds what waits in memory
+and everything else waits in the broker (where a queue's message TTL applies).
+
+A declaration the broker refuses because an object of that name exists with other properties (406
+PRECONDITION_FAILED) raises ``TopologyConflict``, a ``ConfigError``: re-declaring cannot fix it, so the
+daemon stops with the broker's reason instead of retrying.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import logging
 import uuid
@@ -17,10 +27,13 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 import attrs
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from tts_streamer.supervisor.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +42,15 @@ T = TypeVar("T")
 
 class AmqpUnavailable(Exception):
     """The broker cannot be reached right now (or did not answer in time)."""
+
+
+class AmqpRefused(AmqpUnavailable):
+    """The broker is there but refused this one message (a nack, or a channel error caused by the
+    message itself, such as a body over its ``max_message_size``): sending it again cannot help."""
+
+
+class TopologyConflict(ConfigError):
+    """The broker refused a declaration: an object of that name exists with other properties."""
 
 
 @attrs.frozen
@@ -52,7 +74,8 @@ class ExchangeSpec:
 class Topology:
     consume: tuple[QueueSpec, ...] = ()
     exchanges: tuple[ExchangeSpec, ...] = ()
-    prefetch: int = 10
+    prefetch: int = 10  # per consumer (basic.qos global=false: global QoS is denied by RabbitMQ 4.3)
+    manual_ack: bool = False  # False: acked on receipt; True: the reader of ``deliveries`` calls ack()
 
 
 @attrs.frozen
@@ -62,7 +85,10 @@ class Delivery:
     reply_to: str | None
     correlation_id: str | None
     headers: Mapping[str, Any]
-    received_at: float
+    received_at: float  # trio clock
+    redelivered: bool = False
+    timestamp: float | None = None  # the AMQP ``timestamp`` property (POSIX seconds), where set
+    token: object = attrs.field(default=None, eq=False, repr=False)  # what ack() needs (manual ack)
 
 
 @attrs.define
@@ -99,8 +125,53 @@ class AmqpBridge:
                 return result
         except trio.TooSlowError:
             raise AmqpUnavailable(f"broker did not answer within {self._timeout} s") from None
+        except (aio_pika.exceptions.DeliveryError, aio_pika.exceptions.ChannelPreconditionFailed) as exc:
+            # A nack, or a 406 the message itself caused: the broker is up and said no to this message.
+            raise AmqpRefused(f"{type(exc).__name__}: {exc}") from exc
         except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
             raise AmqpUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge a manual-ack delivery; False when that is no longer possible (its channel is
+        gone, so the broker has requeued it and will redeliver it marked ``redelivered``)."""
+        message = delivery.token
+        if not isinstance(message, AbstractIncomingMessage):
+            return True  # acked on receipt
+        try:
+            await self._aio(message.ack)
+        except AmqpUnavailable as exc:
+            log.debug("ack on %s failed: %s", delivery.queue, exc)
+            return False
+        return True
+
+    async def queue_exists(self, name: str) -> bool | None:
+        """Does queue ``name`` exist (e.g. a caller's reply queue)? None when the broker cannot tell.
+
+        A passive declare of a missing queue (404) or of another connection's exclusive queue (405,
+        which means it exists) closes the channel, so each probe opens a channel of its own (a plain
+        one: a robust channel would reopen itself after the broker closed it), and probes can run
+        concurrently.
+        """
+        channel = aio_pika.Channel(connection=self._connection, publisher_confirms=False)
+        try:
+            await self._aio(channel.initialize)
+            await self._aio(channel.declare_queue, name, passive=True)
+        except AmqpUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aio_pika.exceptions.ChannelNotFoundEntity):
+                return False
+            if isinstance(cause, aiormq.exceptions.ChannelLockedResource):
+                return True  # exclusive to the caller's connection: it is there
+            log.warning("could not tell whether queue %s exists: %s", name, exc)
+            return None
+        finally:
+            if not channel.is_closed:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._aio(channel.close)
+                    except AmqpUnavailable:
+                        pass
+        return True
 
     async def publish(
         self,
@@ -180,12 +251,30 @@ class AmqpBridge:
             raise AmqpUnavailable("channel closed")
         return self._channel
 
+    async def _declare(
+        self, kind: str, name: str, fn: Callable[..., Awaitable[T]], *args: Any, **kw: Any
+    ) -> T:
+        try:
+            return await self._aio(fn, *args, **kw)
+        except AmqpRefused as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aio_pika.exceptions.ChannelPreconditionFailed):
+                raise TopologyConflict(
+                    f"RabbitMQ refused to declare {kind} {name!r}: {cause}. A {kind} of that name "
+                    f"already exists with other properties (a leftover, e.g. of the Go service): "
+                    f"delete it (rabbitmqctl delete_{kind} {name}) or use another name"
+                ) from None
+            raise
+
     async def _setup(self, topology: Topology, deliveries: trio.MemorySendChannel[Delivery]) -> None:
         channel = await self._aio(self._connection.channel)
         self._channel = channel
-        await self._aio(channel.set_qos, prefetch_count=topology.prefetch)
+        # Per consumer (global_=False): global QoS is denied by default from RabbitMQ 4.3.
+        await self._aio(channel.set_qos, prefetch_count=topology.prefetch, global_=False)
         for spec in topology.exchanges:
-            await self._aio(
+            await self._declare(
+                "exchange",
+                spec.name,
                 channel.declare_exchange,
                 spec.name,
                 spec.type,
@@ -193,6 +282,8 @@ class AmqpBridge:
                 auto_delete=False,
                 arguments=dict(spec.arguments) if spec.arguments else None,
             )
+        # Exclusive (transient exclusive queues stay allowed in RabbitMQ 4.x; transient non-exclusive
+        # ones are denied from 4.3).
         reply_queue = await self._aio(channel.declare_queue, exclusive=True, auto_delete=True)
         self._reply_queue = reply_queue
 
@@ -201,7 +292,9 @@ class AmqpBridge:
 
         await self._aio(reply_queue.consume, on_reply, no_ack=True)
         for queue_spec in topology.consume:
-            queue = await self._aio(
+            queue = await self._declare(
+                "queue",
+                queue_spec.name,
                 channel.declare_queue,
                 queue_spec.name,
                 durable=queue_spec.durable,
@@ -210,29 +303,47 @@ class AmqpBridge:
             )
             for exchange in queue_spec.bind_to:
                 await self._aio(queue.bind, exchange, routing_key=queue_spec.name)
-            tag = await self._aio(queue.consume, self._consumer(queue_spec.name, deliveries))
+            consumer = self._consumer(queue_spec.name, deliveries, manual_ack=topology.manual_ack)
+            tag = await self._aio(queue.consume, consumer)
             self._consumer_tags.append((queue, tag))
 
     def _consumer(
-        self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery]
+        self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery], *, manual_ack: bool
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
-            # At most once, like the Go service: a request whose caller gave up (3 s) must not be
-            # redelivered to another pod later and create an orphan.
-            await message.ack()
+            if not manual_ack:
+                # At most once, like the Go service: acked before anything is done with it.
+                await message.ack()
             self.stats.deliveries += 1
+            stamp = message.timestamp
+            headers = dict(message.headers or {})
+            # The broker's own arrival stamp (RabbitMQ >= 3.12 message interceptor), in milliseconds.
+            stamp_ms = headers.get("timestamp_in_ms")
             delivery = Delivery(
                 queue=queue_name,
                 body=message.body,
                 reply_to=message.reply_to or None,
                 correlation_id=message.correlation_id,
-                headers=dict(message.headers or {}),
+                headers=headers,
                 received_at=trio.current_time(),
+                redelivered=bool(message.redelivered),
+                timestamp=(
+                    stamp_ms / 1000
+                    if isinstance(stamp_ms, int) and not isinstance(stamp_ms, bool)
+                    else stamp.timestamp()
+                    if isinstance(stamp, datetime.datetime)
+                    else None
+                ),
+                token=message if manual_ack else None,
             )
             try:
                 deliveries.send_nowait(delivery)
             except trio.WouldBlock:
-                log.error("request backlog full on %s: request dropped", queue_name)
+                # Cannot happen while the prefetch window is smaller than the buffer; never run it
+                # late: reject it (not requeued) and let its caller time out.
+                log.error("request buffer full on %s: request dropped", queue_name)
+                if manual_ack:
+                    await message.reject(requeue=False)
 
         return on_message
 
@@ -264,7 +375,12 @@ async def open_amqp_bridge(
     retry_every: float = 1.0,
     backlog: int = 1000,
 ) -> AsyncIterator[AmqpBridge]:
-    """Connect (retrying until it works), declare, consume; the body runs with a live bridge."""
+    """Connect (retrying until it works), declare, consume; the body runs with a live bridge.
+
+    Raises ``TopologyConflict`` (bare, outside the asyncio loop's exception groups) when the broker
+    refuses a declaration.
+    """
+    conflict: TopologyConflict | None = None
     async with trio_asyncio.open_loop():
         connection = await _connect(url, retry_every)
         bridge = AmqpBridge(connection, broker_timeout)
@@ -277,8 +393,12 @@ async def open_amqp_bridge(
         connection.reconnect_callbacks.add(on_reconnect)
         send, bridge.deliveries = trio.open_memory_channel[Delivery](backlog)
         try:
-            await bridge._setup(topology, send)
-            yield bridge
+            try:
+                await bridge._setup(topology, send)
+            except TopologyConflict as exc:
+                conflict = exc
+            else:
+                yield bridge
         finally:
             send.close()
             with trio.CancelScope(shield=True), trio.move_on_after(broker_timeout):
@@ -286,3 +406,5 @@ async def open_amqp_bridge(
                     await trio_asyncio.aio_as_trio(connection.close)()
                 except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, asyncio.CancelledError):
                     pass
+    if conflict is not None:
+        raise conflict

@@ -4,6 +4,14 @@ Requests are parsed once, routed, and dispatched synchronously into a per-stream
 a channel), so commands for one streaming apply in arrival order while different streamings proceed
 concurrently (the Go service's 10 workers per queue reordered them). A lane ends when it runs dry.
 
+A request is acknowledged when it is *taken up* (its lane reaches it, or its task starts), not on
+receipt: unacknowledged deliveries are what the prefetch window counts, so at most ``AMQP_PREFETCH``
+per queue wait in memory and the rest wait in the broker, where the per-pod queue's message TTL
+applies. At take-up a request is started only if its caller can still be waiting (``RequestDeadlines``;
+for creates, only if the caller's reply queue still exists), and never twice: a redelivered request
+(its first delivery may have been taken up somewhere) is dropped. Requests not started are counted by
+reason in ``PlaneStats.not_started``.
+
 DELETE arrives on the shared queue, so it may land on a pod that does not own the streaming. Such a pod
 forwards the request once over a fanout control exchange that every pod's per-pod queue is bound to,
 waits (bounded) for the owner's reply, and relays it; with no owner answering it replies the typed 404.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -25,13 +34,14 @@ from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Request, Response
 from tts_streamer.adapters.voipbin.routes import RouteMatch, RouteName, match_route
 from tts_streamer.adapters.voipbin.wire import WireError
-from tts_streamer.supervisor.amqp_bridge import AmqpBridge, AmqpUnavailable, Delivery
+from tts_streamer.supervisor.amqp_bridge import AmqpUnavailable, Delivery
+from tts_streamer.supervisor.delivery_source import CREATE_ROUTES, DeliverySource, RequestDeadlines
 
 log = logging.getLogger(__name__)
 
 CONTROL_EXCHANGE = "tts-streamer.control"
 FORWARDED_HEADER = "x-tts-streamer-forwarded-by"
-LANE_CAPACITY = 256
+NOT_STARTED_LOG_INTERVAL = 10.0
 
 _Work = tuple[Delivery, Request, RouteMatch]
 
@@ -76,20 +86,26 @@ class PlaneStats:
     reply_failures: int = 0
     forwarded: int = 0
     errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    # requests taken off the broker but never started: timeout, timestamp, caller_gone,
+    # caller_unknown, redelivered, ack_failed
+    not_started: collections.Counter[str] = attrs.field(factory=collections.Counter)
     latency: LatenessRecorder = attrs.field(factory=lambda: LatenessRecorder(capacity=10_000))
 
 
 class CommandPlane:
     def __init__(
         self,
-        bridge: AmqpBridge,
+        bridge: DeliverySource,
         routes: Mapping[RouteName, Handler],
         *,
         pod_id: str,
         forward_timeout: float = 1.0,
+        deadlines: RequestDeadlines | None = None,
     ) -> None:
         self.stats = PlaneStats()
         self._bridge = bridge
+        self._deadlines = deadlines or RequestDeadlines()
+        self._last_warned = -math.inf
         self._routes = dict(routes)
         self._pod_id = pod_id
         self._forward_timeout = forward_timeout
@@ -112,7 +128,7 @@ class CommandPlane:
             self.stats.errors["bad_envelope"] += 1
             log.warning("unparsable request on %s: %s", delivery.queue, exc.reason)
             response = envelope.typed_error("INVALID_ARGUMENT", "BAD_ENVELOPE", exc.reason)
-            self._nursery.start_soon(self._reply, delivery, response)
+            self._nursery.start_soon(self._answer, delivery, None, response)
             return
         match = match_route(request.method, request.uri)
         log.debug(
@@ -125,24 +141,26 @@ class CommandPlane:
         )
         if match is None:
             self.stats.errors["no_route"] += 1
-            self._nursery.start_soon(self._reply, delivery, envelope.plain_error(404))
+            self._nursery.start_soon(self._answer, delivery, None, envelope.plain_error(404))
+            return
+        if delivery.headers.get(FORWARDED_HEADER) == self._pod_id:
+            # Our own forward, back through the fanout: we forwarded it because we do not own the id
+            # (and its lane is busy waiting for the owner), so it could only be answered with silence.
+            self._nursery.start_soon(self._bridge.ack, delivery)
             return
         if match.id is None:
             self._nursery.start_soon(
-                self._handle, delivery, request, match, name=f"request[{match.name.value}]"
+                self._take_up_and_handle, delivery, request, match, name=f"request[{match.name.value}]"
             )
             return
         lane = self._lanes.get(match.id)
         if lane is None:
-            lane, lane_recv = trio.open_memory_channel[_Work](LANE_CAPACITY)
+            # Unbounded here because bounded upstream: what waits in lanes is not yet acknowledged,
+            # so the prefetch window caps it (Go has no limit either, so no 429 of our own).
+            lane, lane_recv = trio.open_memory_channel[_Work](math.inf)
             self._lanes[match.id] = lane
             self._nursery.start_soon(self._serve_lane, match.id, lane_recv, name=f"lane[{match.id}]")
-        try:
-            lane.send_nowait((delivery, request, match))
-        except trio.WouldBlock:
-            self.stats.errors["lane_full"] += 1
-            busy = envelope.typed_error("RESOURCE_EXHAUSTED", "TOO_MANY_REQUESTS", "too many queued requests")
-            self._nursery.start_soon(self._reply, delivery, busy)
+        lane.send_nowait((delivery, request, match))
 
     async def _serve_lane(self, streaming_id: uuid.UUID, lane: trio.MemoryReceiveChannel[_Work]) -> None:
         while True:
@@ -153,7 +171,62 @@ class CommandPlane:
                 # this lane (and its item is already queued) or will open a new one.
                 del self._lanes[streaming_id]
                 return
-            await self._handle(*work)
+            await self._take_up_and_handle(*work)
+
+    async def _answer(self, delivery: Delivery, match: RouteMatch | None, response: Response) -> None:
+        """A reply known without running anything (bad envelope, no route)."""
+        if await self._take_up(delivery, match):
+            await self._reply(delivery, response)
+
+    async def _take_up_and_handle(self, delivery: Delivery, request: Request, match: RouteMatch) -> None:
+        if await self._take_up(delivery, match):
+            await self._handle(delivery, request, match)
+
+    async def _take_up(self, delivery: Delivery, match: RouteMatch | None) -> bool:
+        """Acknowledge the delivery; whether to start it (its caller can still be waiting)."""
+        if delivery.redelivered:
+            # Acked before work everywhere (here and in Go), so a redelivered request may already have
+            # run on the pod that had it: at most once means not again.
+            await self._bridge.ack(delivery)
+            return self._not_started(delivery, "redelivered")
+        if not await self._bridge.ack(delivery):
+            return self._not_started(delivery, "ack_failed")  # requeued: it comes back redelivered
+        route = match.name if match is not None else None
+        reason = self._deadlines.expired(delivery, route, trio.current_time())
+        if reason is not None:
+            # A reply nobody reads is harmless (its reply queue is gone); one that is read says why.
+            self._reply_expired(delivery)
+            return self._not_started(delivery, reason)
+        if route in CREATE_ROUTES and delivery.reply_to:
+            exists = await self._bridge.queue_exists(delivery.reply_to)
+            if exists is False:
+                return self._not_started(delivery, "caller_gone")  # nobody to answer either
+            if exists is None:
+                self._reply_expired(delivery)
+                return self._not_started(delivery, "caller_unknown")
+        return True
+
+    def _reply_expired(self, delivery: Delivery) -> None:
+        if delivery.reply_to and self._nursery is not None:
+            self._nursery.start_soon(self._reply, delivery, envelope.request_expired())
+
+    def _not_started(self, delivery: Delivery, reason: str) -> bool:
+        self.stats.not_started[reason] += 1
+        now = trio.current_time()
+        # An overload sheds hundreds a second: one WARNING per interval, the metric has every one.
+        warn = now - self._last_warned >= NOT_STARTED_LOG_INTERVAL
+        log.log(
+            logging.WARNING if warn else logging.DEBUG,
+            "request on %s not started (%s): received %.3f s ago; %d not started so far %s",
+            delivery.queue,
+            reason,
+            now - delivery.received_at,
+            sum(self.stats.not_started.values()),
+            dict(self.stats.not_started),
+        )
+        if warn:
+            self._last_warned = now
+        return False
 
     async def _handle(self, delivery: Delivery, request: Request, match: RouteMatch) -> None:
         try:

@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     pass
 
 
+# Between the broker sending a delivery and the daemon seeing it (frames buffered in the socket and the
+# client library while the process is busy): time a request's deadline must leave for what cannot be
+# measured.
+DELIVERY_ALLOWANCE = 0.5
+
+
 def _xdg_dir(variable: str, fallback: str, *parts: str) -> str:
     base = os.environ.get(variable) or os.path.join(os.path.expanduser("~"), fallback)
     return os.path.join(base, "tts-streamer", *parts)
@@ -44,7 +50,10 @@ class DaemonConfig:
     amqp_prefetch: int = 10
     amqp_timeout: float = 3.0
     per_pod_queue_expires_ms: int = 1_800_000
-    per_pod_message_ttl_ms: int = 3_000  # callers give up after 3 s; older requests only make orphans
+    # The broker's share of the callers' 3 s: a per-pod request is started only within
+    # REQUEST_TIMEOUT - TTL - DELIVERY_ALLOWANCE of its receipt (command-plane.md).
+    per_pod_message_ttl_ms: int = 2_000
+    request_timeout: float = 3.0  # voipbin's callers give up after 3 s
     delay_exchange: bool = False
     create_timeout: float = 2.5
     call_manager_timeout: float = 3.0
@@ -53,6 +62,7 @@ class DaemonConfig:
     max_message_text_bytes: int = 64 * 1024  # all say_adds of one message; bounds total_message too
     command_timeout: float = 2.0  # a caller's wait for a session's reply; callers give up at 3 s
     event_buffer: int = 10_000
+    event_max_bytes: int = 1 << 20  # larger events are refused (RabbitMQ 4.x's own limit: 16 MiB)
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
     lead_frames: int = 3
@@ -104,6 +114,7 @@ class DaemonConfig:
                 "PER_POD_QUEUE_EXPIRES_MS", d.per_pod_queue_expires_ms, _positive_int
             ),
             per_pod_message_ttl_ms=get("PER_POD_MESSAGE_TTL_MS", d.per_pod_message_ttl_ms, _positive_int),
+            request_timeout=get("REQUEST_TIMEOUT", d.request_timeout, _positive_float),
             delay_exchange=get("DELAY_EXCHANGE", d.delay_exchange, _bool),
             create_timeout=get("CREATE_TIMEOUT", d.create_timeout, _positive_float),
             call_manager_timeout=get("CALL_MANAGER_TIMEOUT", d.call_manager_timeout, _positive_float),
@@ -112,6 +123,7 @@ class DaemonConfig:
             max_message_text_bytes=get("MAX_MESSAGE_TEXT_BYTES", d.max_message_text_bytes, _positive_int),
             command_timeout=get("COMMAND_TIMEOUT", d.command_timeout, _positive_float),
             event_buffer=get("EVENT_BUFFER", d.event_buffer, _positive_int),
+            event_max_bytes=get("EVENT_MAX_BYTES", d.event_max_bytes, _positive_int),
             drain_timeout=get("DRAIN_TIMEOUT", d.drain_timeout, _positive_float),
             default_engine=get("DEFAULT_ENGINE", d.default_engine, str),
             lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
@@ -138,6 +150,14 @@ class DaemonConfig:
         )
         _check_console_exposure(config)
         return config
+
+    def __attrs_post_init__(self) -> None:
+        if self.per_pod_message_ttl_ms / 1000 + DELIVERY_ALLOWANCE >= self.request_timeout:
+            raise ConfigError(
+                f"PER_POD_MESSAGE_TTL_MS={self.per_pod_message_ttl_ms} must be at least "
+                f"{DELIVERY_ALLOWANCE * 1000:.0f} ms below REQUEST_TIMEOUT ({self.request_timeout} s): a "
+                f"request the broker held that long would have no time left to run"
+            )
 
     @property
     def shared_queue(self) -> str:

@@ -32,6 +32,7 @@ from tts_streamer.supervisor.call_manager import CallManager
 from tts_streamer.supervisor.command_plane import CONTROL_EXCHANGE, CommandPlane
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
 from tts_streamer.supervisor.console import default_console_path, serve_console
+from tts_streamer.supervisor.delivery_source import RequestDeadlines
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
 from tts_streamer.supervisor.health import Readiness, serve_http
@@ -74,11 +75,13 @@ def topology(config: DaemonConfig) -> Topology:
     return Topology(
         consume=(
             QueueSpec(config.shared_queue, durable=True, auto_delete=False, bind_to=tuple(shared_bindings)),
-            # Per-pod: volatile, so a dead pod leaves nothing behind and stale requests expire.
+            # Per-pod: durable with a queue TTL (x-expires), as RabbitMQ recommends since transient
+            # non-exclusive queues are denied (4.3): a dead pod's queue goes away once unused for
+            # x-expires, and a request older than x-message-ttl expires instead of running late.
             QueueSpec(
                 config.pod_queue,
-                durable=False,
-                auto_delete=True,
+                durable=True,
+                auto_delete=False,
                 arguments={
                     "x-expires": config.per_pod_queue_expires_ms,
                     "x-message-ttl": config.per_pod_message_ttl_ms,
@@ -88,6 +91,15 @@ def topology(config: DaemonConfig) -> Topology:
         ),
         exchanges=tuple(exchanges),
         prefetch=config.amqp_prefetch,
+        manual_ack=True,  # acked when taken up for work (command_plane.py): prefetch bounds memory
+    )
+
+
+def request_deadlines(config: DaemonConfig) -> RequestDeadlines:
+    """Callers give up after REQUEST_TIMEOUT; the per-pod queue's TTL bounds the broker's share."""
+    return RequestDeadlines(
+        caller_timeout=config.request_timeout,
+        broker_wait={config.pod_queue: config.per_pod_message_ttl_ms / 1000},
     )
 
 
@@ -140,7 +152,7 @@ async def run_daemon(
         # A startup error naming the variable (exit 2 from `serve`), not a traceback from the supervisor.
         raise ConfigError(f"DEFAULT_ENGINE={config.default_engine!r}: not one of {sorted(engines)}")
     bus = EventBus()
-    publisher = EventPublisher(capacity=config.event_buffer)
+    publisher = EventPublisher(capacity=config.event_buffer, max_bytes=config.event_max_bytes)
     shutdown = trio.Event()
     session_config = SessionConfig(
         timeouts=MediaTimeouts(media_start=config.media_start_timeout),
@@ -242,7 +254,9 @@ async def run_daemon(
                             {**streamings.routes(), **speakings.routes(), **speeches.routes()},
                             pod_id=config.pod_id,
                             forward_timeout=config.delete_forward_timeout,
+                            deadlines=request_deadlines(config),
                         )
+                        metrics.attach_plane(plane.stats)
                         await services.start(plane.serve)
                         log.info(
                             "pod %s serving %s and %s", config.pod_id, config.shared_queue, config.pod_queue

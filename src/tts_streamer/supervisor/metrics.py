@@ -47,6 +47,7 @@ from tts_streamer.supervisor.sessions import Supervisor
 
 if TYPE_CHECKING:
     from tts_streamer.supervisor.amqp_bridge import AmqpBridge
+    from tts_streamer.supervisor.command_plane import PlaneStats
     from tts_streamer.supervisor.event_publisher import EventPublisher
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class _ScrapeCollector(Collector):
             "How late each audio message went out against its pacing slot.",
         )
         yield from _broker_families(metrics.bridge, metrics.publisher)
+        yield from _plane_families(metrics.plane)
         tasks = GaugeMetricFamily(
             PREFIX + "tasks", "Live Trio tasks in the process (flat when idle: a leaked task shows here)."
         )
@@ -145,6 +147,31 @@ def _broker_families(bridge: AmqpBridge | None, publisher: EventPublisher | None
     pending = GaugeMetricFamily(PREFIX + "events_pending", "Events waiting for the broker.")
     pending.add_metric([], publisher.pending if publisher is not None else 0)
     yield pending
+    refused = CounterMetricFamily(
+        PREFIX + "events_refused",
+        "Events dropped because they could never be published: too_large (over EVENT_MAX_BYTES) or "
+        "broker_refused (the broker nacked or rejected that message), by event type.",
+        labels=["type", "reason"],
+    )
+    for (event_type, reason), count in sorted(publisher.refused.items() if publisher is not None else ()):
+        refused.add_metric([event_type, reason], count)
+    yield refused
+
+
+NOT_STARTED_REASONS = ("timeout", "timestamp", "caller_gone", "caller_unknown", "redelivered", "ack_failed")
+
+
+def _plane_families(plane: PlaneStats | None) -> Iterable[Metric]:
+    not_started = CounterMetricFamily(
+        PREFIX + "requests_not_started",
+        "Requests taken off the broker but not started, by reason: timeout/timestamp (the caller can no "
+        "longer be waiting), caller_gone/caller_unknown (a create whose reply queue is gone / could not "
+        "be checked), redelivered, ack_failed (at most once).",
+        labels=["reason"],
+    )
+    for reason in NOT_STARTED_REASONS:
+        not_started.add_metric([reason], plane.not_started[reason] if plane is not None else 0)
+    yield not_started
 
 
 def count_tasks() -> int:
@@ -161,6 +188,7 @@ class Metrics:
         self.supervisor: Supervisor | None = None
         self.bridge: AmqpBridge | None = None  # set while the daemon is connected (attach_broker)
         self.publisher: EventPublisher | None = None
+        self.plane: PlaneStats | None = None
         self.lateness = BucketHistogram(LATENESS_BUCKETS)
         self._live: dict[str, Session] = {}  # sessions seen speaking, until their Stopped event
         self._frames_sent_by_ended = 0
@@ -219,6 +247,9 @@ class Metrics:
 
     def attach_broker(self, bridge: AmqpBridge | None, publisher: EventPublisher | None) -> None:
         self.bridge, self.publisher = bridge, publisher
+
+    def attach_plane(self, plane: PlaneStats | None) -> None:
+        self.plane = plane
 
     # -- for command planes ------------------------------------------------------------------------
 

@@ -46,13 +46,26 @@ log = logging.getLogger(__name__)
 REAP_DELAYS = (1.0, 3.0, 10.0)  # seconds between DELETEs of an external media whose create was abandoned
 
 
+# Go's client lets a typed error body win over the status code and api-manager answers the body's
+# ``status``: so where Go answers a plain status we answer exactly that, and the cause goes to the log.
+
+
 def bad_request(reason: str, status_code: int = 500) -> Response:
-    """Go answers undecodable streaming bodies with 500; we keep the code and add a reason."""
-    return envelope.typed_error("INVALID_ARGUMENT", "INVALID_REQUEST", reason, status_code=status_code)
+    """An undecodable streaming body: Go answers a plain 500."""
+    log.info("request refused (%d): %s", status_code, reason)
+    return envelope.plain_error(status_code)
 
 
 def command_failed(error: CommandError) -> Response:
-    return envelope.typed_error("INTERNAL", error.kind.upper(), str(error), status_code=500)
+    """A session refused the command: Go answers a plain 500."""
+    log.info("command refused by the session (%s): %s", error.kind, error)
+    return envelope.plain_error(500)
+
+
+def refused(kind: str, reason: str) -> Response:
+    """Refused before the session (e.g. a stale message id): Go answers a plain 500."""
+    log.info("request refused (%s): %s", kind, reason)
+    return envelope.plain_error(500)
 
 
 @attrs.define
@@ -113,7 +126,7 @@ class StreamingService:
         """A stale or foreign message id (Go: 500 "message ID mismatch"), counted like any refusal."""
         if self._metrics is not None:
             self._metrics.command_error(kind)
-        return envelope.typed_error("INTERNAL", kind.upper(), "message ID mismatch", status_code=500)
+        return refused(kind, "message ID mismatch")
 
     def owns(self, streaming_id: uuid.UUID) -> bool:
         return streaming_id in self.streamings

@@ -34,6 +34,7 @@ __all__ = [
     "render_event",
     "render_request",
     "render_response",
+    "request_expired",
     "streaming_not_found",
     "typed_error",
 ]
@@ -273,3 +274,13 @@ def typed_error(
 def streaming_not_found() -> Response:
     """The typed 404 that say_add, say_finish and DELETE return for an unknown streaming."""
     return typed_error("NOT_FOUND", "STREAMING_NOT_FOUND", "The streaming was not found.")
+
+
+def request_expired() -> Response:
+    """A request not started because its caller can no longer be waiting (a typed 503: api-manager
+    answers 503, "try again", to anyone who is still there)."""
+    return typed_error(
+        "UNAVAILABLE",
+        "REQUEST_EXPIRED",
+        "The request waited longer than its caller's timeout and was not started.",
+    )
