@@ -300,6 +300,7 @@ async def test_crash_recovery_on_startup_stops_this_pods_rows(db: Database) -> N
                 sid = (await create(rig))["id"]
                 await rig.speaking(sid, "say", {"text": "z" * 80})
                 await rig.caller.wait_event(EventType.MESSAGE_PLAY_STARTED, of_speaking(sid))
+                crashed_at = ss.now_utc()
                 pod.crash()  # killed: no drain, nothing cleaned up
                 await pod.wait_stopped()
             left = await db.store.get(uuid.UUID(sid))
@@ -316,16 +317,23 @@ async def test_crash_recovery_on_startup_stops_this_pods_rows(db: Database) -> N
                 event = await rig.caller.wait_event(EventType.SPEAKING_STOPPED, of_speaking(sid))
                 assert event.data["status"] == "stopped" and event.data["tm_update"]
                 assert event.data["tm_create"] == left.to_data()["tm_create"]
-                assert restarted.handle.speakings is not None
-                assert restarted.handle.speakings.stats.recovered == 2
+                # The end is the crashed run's last heartbeat, not the restart: downtime is not billed.
+                assert parse_timestamp(event.data["tm_update"]) <= crashed_at
+                assert restarted.handle.sweeper is not None
+                assert restarted.handle.sweeper.stats.recovered_own == 2
+                # Its external media was deleted at call-manager (the speaking id is the media id)
+                # before the pod started serving.
+                assert uuid.UUID(sid) in rig.call_manager.deleted
             statuses = [
                 getattr(await db.store.get(r), "status", None) for r in (uuid.UUID(sid), half.id, foreign.id)
             ]
             assert statuses == ["stopped", "stopped", "active"]
             async with run_pod(rig, pod_id, **db.config) as again:  # nothing left to recover
-                assert again.handle.speakings is not None and again.handle.speakings.stats.recovered == 0
+                assert again.handle.sweeper is not None and again.handle.sweeper.stats.recovered_own == 0
     assert len(events_of(rig, sid, "speaking_stopped")) == 1
-    assert events_of(rig, str(half.id)) == [] and events_of(rig, str(foreign.id)) == []
+    # The interrupted create never had a speaking_started: its streaming is reported gone, nothing more.
+    assert [e.type for e in events_of(rig, str(half.id))] == ["streaming_deleted"]
+    assert events_of(rig, str(foreign.id)) == []
 
 
 def attrs_now(row: Speaking) -> Speaking:
