@@ -441,3 +441,29 @@ async def test_requests_reaching_another_pod_are_forwarded_and_a_dead_owners_row
             await rig.caller.wait_event(EventType.SPEAKING_STOPPED, of_speaking(str(ghost.id)))
     assert len(events_of(rig, sid, "speaking_stopped")) == 1
     assert len(events_of(rig, str(ghost.id), "speaking_stopped")) == 1
+
+
+async def test_a_crashed_pods_speaking_is_closed_by_a_pod_of_another_name(db: Database) -> None:
+    """The Deployment case: the crashed pod comes back under a new name, so it never sweeps its own
+    rows; any pod closes them once the owner's heartbeat is older than SPEAKING_OWNER_TIMEOUT."""
+    liveness = {"speaking_heartbeat_interval": 0.2, "speaking_owner_timeout": 1.0}
+    with trio.fail_after(30):
+        async with open_rig(pods=0, **db.config) as rig:
+            async with run_pod(rig, f"old-{uuid.uuid4().hex[:6]}", **liveness, **db.config) as pod:
+                sid = (await create(rig))["id"]
+                await rig.speaking(sid, "say", {"text": "z" * 80})
+                await rig.caller.wait_event(EventType.MESSAGE_PLAY_STARTED, of_speaking(sid))
+                crashed_at = ss.now_utc()
+                pod.crash()
+                await pod.wait_stopped()
+            async with run_pod(rig, f"new-{uuid.uuid4().hex[:6]}", **liveness, **db.config) as new:
+                event = await rig.caller.wait_event(EventType.SPEAKING_STOPPED, of_speaking(sid))
+                closed_at = ss.now_utc()
+                ended = parse_timestamp(event.data["tm_update"])
+                # The owner's last heartbeat: at most one interval before the crash, never after it.
+                assert crashed_at - dt.timedelta(seconds=1) <= ended <= crashed_at
+                assert closed_at - crashed_at < dt.timedelta(seconds=10)
+                await rig.caller.wait_event(EventType.STREAMING_DELETED, of_speaking(sid))
+                assert new.handle.sweeper is not None and new.handle.sweeper.stats.swept == 1
+                assert uuid.UUID(sid) in rig.call_manager.deleted
+    assert len(events_of(rig, sid, "speaking_stopped")) == 1
