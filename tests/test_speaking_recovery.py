@@ -92,9 +92,11 @@ async def test_a_dead_pods_rows_are_closed_by_another_at_its_last_heartbeat(
     await trio.sleep(12.0)
     pods.kill("pod-a")  # kill -9: no more heartbeats, nothing cleaned up
     last_seen = pods.store.pods["pod-a"]
-    await trio.sleep(CONFIG.owner_timeout - 1.0)
-    assert pods.store.rows[active.id].status == "active"  # not before the owner timeout
-    await trio.sleep(CONFIG.heartbeat_every + 1.0)  # the bound: owner timeout + one heartbeat
+    # Its last heartbeat was at most one interval before the kill: not closed before the owner timeout
+    # counted from it, and closed within owner timeout + one interval of the kill.
+    await trio.sleep(CONFIG.owner_timeout - CONFIG.heartbeat_every - 1.0)
+    assert pods.store.rows[active.id].status == "active"
+    await trio.sleep(2 * CONFIG.heartbeat_every + 1.0)
     assert pods.store.rows[active.id].status == "stopped"
     assert pods.store.rows[active.id].tm_update == last_seen  # the end: its last heartbeat
     assert pods.store.rows[half.id].status == "stopped"

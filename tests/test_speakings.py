@@ -446,7 +446,7 @@ async def test_requests_reaching_another_pod_are_forwarded_and_a_dead_owners_row
 async def test_a_crashed_pods_speaking_is_closed_by_a_pod_of_another_name(db: Database) -> None:
     """The Deployment case: the crashed pod comes back under a new name, so it never sweeps its own
     rows; any pod closes them once the owner's heartbeat is older than SPEAKING_OWNER_TIMEOUT."""
-    liveness = {"speaking_heartbeat_interval": 0.2, "speaking_owner_timeout": 1.0}
+    liveness: dict[str, Any] = {"speaking_heartbeat_interval": 0.2, "speaking_owner_timeout": 1.0}
     with trio.fail_after(30):
         async with open_rig(pods=0, **db.config) as rig:
             async with run_pod(rig, f"old-{uuid.uuid4().hex[:6]}", **liveness, **db.config) as pod:
