@@ -467,3 +467,32 @@ async def test_a_crashed_pods_speaking_is_closed_by_a_pod_of_another_name(db: Da
                 assert new.handle.sweeper is not None and new.handle.sweeper.stats.swept == 1
                 assert uuid.UUID(sid) in rig.call_manager.deleted
     assert len(events_of(rig, sid, "speaking_stopped")) == 1
+
+
+async def test_fields_longer_than_their_go_columns_are_refused_on_both_stores(db: Database) -> None:
+    """Go's table: varchar(32) reference_type and provider, (16) language, (255) voice_id, (8)
+    direction, charset utf8 (3 bytes at most). SQLite would store anything: the edge refuses it (400,
+    Go's code for a bad request) the same on both; the longest values that fit are stored whole."""
+    with trio.fail_after(30):
+        async with open_rig(**db.config) as rig:
+            too_long = {
+                "voice_id": "v" * 1_000_000,
+                "provider": "p" * 100_000,
+                "reference_type": "r" * 33,
+                "language": "l" * 17,
+                "direction": "d" * 9,
+            }
+            for name, value in {**too_long, "voice_id": "é" * 256, "language": "en-US-\U0001f600"}.items():
+                response = await rig.request(SHARED_QUEUE, "/v1/speakings", "POST", body(**{name: value}))
+                assert (response.status_code, response.data_type) == (400, ""), name
+            for name in too_long:
+                response = await rig.request(SHARED_QUEUE, "/v1/speakings", "POST", body(**{name: "x"}))
+                assert response.status_code == 200, name
+                await rig.speaking(response.data["id"], "stop")
+            assert await rig.request(SHARED_QUEUE, "/v1/speakings", "GET") is not None
+            fits = body(voice_id="é" * 255, provider="p" * 32, reference_type="r" * 32, language="l" * 16)
+            speaking = await create(rig, fits)
+            row = await db.store.get(uuid.UUID(speaking["id"]))
+            assert row is not None and (row.voice_id, row.provider) == (fits["voice_id"], fits["provider"])
+            listed = await rig.request(SHARED_QUEUE, "/v1/speakings?page_size=100", "GET")
+            assert len(listed.data) == len(too_long) + 1  # the refused ones never wrote a row

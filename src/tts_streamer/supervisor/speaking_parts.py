@@ -12,13 +12,24 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from tts_streamer.adapters.speaking_schema import ListFilter, SpeakingRows, StopResult, StoreError, now_utc
+from tts_streamer.adapters.speaking_schema import (
+    ListFilter,
+    SpeakingRows,
+    StopResult,
+    StoreError,
+    column_lengths,
+    now_utc,
+)
 from tts_streamer.adapters.voipbin import models
 from tts_streamer.adapters.voipbin.envelope import Event, Response
 from tts_streamer.adapters.voipbin.models import Speaking, SpeakingStatus
 from tts_streamer.adapters.voipbin.wire import WireError, parse_timestamp, uuid_from_string_or_nil
 
 log = logging.getLogger(__name__)
+
+# The request's text fields, each bounded by its column of the Go table (varchar(N), charset utf8).
+_CHECKED_COLUMNS: Final = ("reference_type", "language", "provider", "voice_id", "direction")
+_LENGTHS: Final = column_lengths()
 
 DEFAULT_PROVIDER: Final = "elevenlabs"
 PAGE_SIZE_MAX: Final = 100
@@ -173,3 +184,16 @@ async def write_stop_with_retries(
 def stopped_at(row: Speaking | None, ended_at: dt.datetime) -> bool:
     """The row is stopped with exactly this end time (microseconds): written by the caller that has it."""
     return row is not None and row.status == SpeakingStatus.STOPPED.value and row.tm_update == ended_at
+
+
+def check_columns(request: models.SpeakingCreate) -> None:
+    """Refuse (WireError: 400, Go's answer to a bad request body) a field its column cannot hold, the
+    same on every store: longer than its ``varchar(N)`` in characters, or a character outside the
+    Basic Multilingual Plane, which MySQL's ``utf8`` (3 bytes at most) rejects while SQLite stores it."""
+    for name in _CHECKED_COLUMNS:
+        value: str = getattr(request, name)
+        limit = _LENGTHS[name]
+        if len(value) > limit:
+            raise WireError(f"speaking_create: {name} is {len(value)} characters, over its {limit}")
+        if any(ord(char) > 0xFFFF for char in value):
+            raise WireError(f"speaking_create: {name} has a character the table's utf8 cannot store")

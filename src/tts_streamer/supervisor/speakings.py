@@ -55,6 +55,7 @@ from tts_streamer.supervisor.speaking_parts import (
     SpeakingStats,
     SpeakingStreams,
     StopRetry,
+    check_columns,
     list_filter,
     page_size,
     parse_page_token,
@@ -148,6 +149,7 @@ class SpeakingService:
     async def create(self, data: Any) -> Response:
         try:
             request = SpeakingCreate.from_data(data)
+            check_columns(request)
         except WireError as exc:
             log.info("speaking create: bad request: %s", exc.reason)
             return envelope.plain_error(400)
