@@ -496,3 +496,34 @@ async def test_fields_longer_than_their_go_columns_are_refused_on_both_stores(db
             assert row is not None and (row.voice_id, row.provider) == (fits["voice_id"], fits["provider"])
             listed = await rig.request(SHARED_QUEUE, "/v1/speakings?page_size=100", "GET")
             assert len(listed.data) == len(too_long) + 1  # the refused ones never wrote a row
+
+
+async def test_a_local_sqlite_store_in_kubernetes_is_a_warning_and_a_readiness_detail(
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas of a Deployment share the request queue: each on its own SQLite file would miss the
+    others' speakings. Loud, but the pod stays ready: streamings need no database, and a single-pod
+    setup on SQLite must keep working."""
+    import json
+    import urllib.request
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    with trio.fail_after(20):
+        async with open_rig(**db.config) as rig:
+            readiness = rig.daemon.readiness
+            assert readiness is not None
+
+            def fetch() -> dict[str, Any]:
+                url = f"http://127.0.0.1:{rig.daemon.http_port}/health/ready"
+                with urllib.request.urlopen(url, timeout=3) as response:
+                    assert response.status == 200
+                    return dict(json.loads(response.read()))
+
+            ready = await trio.to_thread.run_sync(fetch)
+    warned = [r for r in caplog.records if "local SQLite file" in r.getMessage()]
+    assert ready["ready"] is True
+    if db.backend == "sqlite":
+        assert "DATABASE_DSN" in ready["speakings_store_warning"]
+        assert [r.levelname for r in warned] == ["WARNING"]
+    else:
+        assert "speakings_store_warning" not in ready and warned == []

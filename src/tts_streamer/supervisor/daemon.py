@@ -39,6 +39,7 @@ from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.metrics import Metrics
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
+from tts_streamer.supervisor.speaking_parts import local_store_warning
 from tts_streamer.supervisor.speaking_recovery import LivenessConfig, OrphanSweeper
 from tts_streamer.supervisor.speakings import SpeakingService, StopRetry
 from tts_streamer.supervisor.speeches import (
@@ -197,6 +198,10 @@ async def run_daemon(
                         open_speaking_store(config.database_dsn, config.sqlite_path) as store,
                         trio.open_nursery() as services,
                     ):
+                        log.info("speakings store: %s", store.describe())
+                        readiness.speakings_store_warning = local_store_warning(store.is_sqlite, os.environ)
+                        if readiness.speakings_store_warning:
+                            log.warning("%s", readiness.speakings_store_warning)
                         call_manager = CallManager(bridge, config.call_manager_timeout)
                         streamings = StreamingService(
                             supervisor,

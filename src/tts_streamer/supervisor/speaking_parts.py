@@ -197,3 +197,15 @@ def check_columns(request: models.SpeakingCreate) -> None:
             raise WireError(f"speaking_create: {name} is {len(value)} characters, over its {limit}")
         if any(ord(char) > 0xFFFF for char in value):
             raise WireError(f"speaking_create: {name} has a character the table's utf8 cannot store")
+
+
+def local_store_warning(is_sqlite: bool, env: Mapping[str, str]) -> str:
+    """Why a local SQLite store is wrong here ("" when it is not): in Kubernetes the shared request
+    queue is normally served by several replicas, and each would keep its own speakings, so GET, list
+    and DELETE (and api-manager's say/flush/stop, which start with a GET) miss on the other pods."""
+    if not is_sqlite or not env.get("KUBERNETES_SERVICE_HOST"):
+        return ""
+    return (
+        "speakings are kept in a local SQLite file while other pods may serve the same shared queue: "
+        "set DATABASE_DSN to the shared MariaDB (the Go service's tts_manager_speaking)"
+    )
