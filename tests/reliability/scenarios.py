@@ -42,6 +42,7 @@ from tests.reliability.common import (
 )
 from tests.reliability.fuzz import fuzz
 from tests.reliability.soak import soak
+from tests.reliability.speaking_db import database_outage_during_hangups, kill_and_restart_under_another_name
 from tests.test_amqp_resilience import (
     broker_pid_of,
     close_from_broker,
@@ -440,4 +441,6 @@ SCENARIOS: list[Scenario] = [
     vendor_faults,
     soak,
     fuzz,
+    database_outage_during_hangups,
+    kill_and_restart_under_another_name,
 ]

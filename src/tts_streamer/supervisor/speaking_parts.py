@@ -76,7 +76,9 @@ class StopRetry:
     first: float = 0.25
     cap: float = 10.0
     give_up_after: float = 900.0  # SPEAKING_STOP_RETRY_TIMEOUT
-    reply_within: float = 2.0  # the stop route answers 500 if the row is not written by then
+    # The stop route answers 500 if the row is not written this long after the request came (the
+    # stream's teardown included: callers wait 3 s).
+    reply_within: float = 2.0
 
 
 @attrs.define(eq=False)

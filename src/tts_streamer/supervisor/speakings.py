@@ -297,6 +297,7 @@ class SpeakingService:
     async def stop(self, speaking_id: uuid.UUID) -> Response:
         """The audio ends first, whatever the database does; then the row (retried in the background
         while the database fails: the reply is then 500, and ``speaking_stopped`` follows the write)."""
+        answer_by = trio.current_time() + self._stop_retry.reply_within  # callers give up after 3 s
         live = self.live.get(speaking_id)
         if live is None:
             return await self._stop_not_held(speaking_id)
@@ -305,7 +306,7 @@ class SpeakingService:
             # Go's streaming DELETE steps, errors ignored: external media, socket, vendor all end here.
             await self._streamings.delete(speaking_id)
         written = self._write_stop_soon(live)
-        with trio.move_on_after(self._stop_retry.reply_within):
+        with trio.move_on_at(answer_by):
             await written.wait()
         if live.result is None:
             return envelope.plain_error(500)  # audio stopped; the row follows when the database answers
