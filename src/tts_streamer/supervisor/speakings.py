@@ -4,11 +4,11 @@ Same bodies, codes and JSON as the Go tts-manager (shared/reference/voipbin-wire
 StreamingService: the speaking id is the streaming id (and call-manager's external-media id). The row
 lives in ``tts_manager_speaking`` (adapters/speaking_store.py); what billing depends on is fixed here:
 
-* a speaking reaches ``stopped`` with one ``speaking_stopped`` (carrying ``tm_update``) **whenever** its
-  stream ends: the stop route, hang-up, WebSocket loss, vendor failure, daemon shutdown, and on startup
-  for rows a crashed run of this pod left live. Every path ends in the store's compare-and-set ``stop``,
-  and only the caller that moved the row out of ``active`` publishes, so each ``speaking_started`` gets
-  exactly one ``speaking_stopped`` and a row that never became active gets none;
+* a speaking reaches ``stopped`` with one ``speaking_stopped`` (carrying ``tm_update`` = when its audio
+  ended) **whenever** its stream ends: the stop route, hang-up, WebSocket loss, vendor failure, daemon
+  shutdown; a crashed pod's rows are closed by the sweep (speaking_recovery.py). Every path ends in the
+  store's compare-and-set ``stop``, and only the caller that moved the row out of ``active`` publishes;
+  the row's write is retried while the database fails (the stream is ended first, whatever it does);
 * two creates for the same customer and reference race in the database, not in memory: exactly one
   inserts its row (see the store), the other answers 500 as Go does for a duplicate.
 
