@@ -504,3 +504,19 @@ def test_compose_runs_the_daemon_broker_and_simulator() -> None:
     sim = services["asterisk-sim"]
     args = _parser().parse_args(sim["command"])
     assert (args.command, args.host, args.port) == ("simulate", "0.0.0.0", 8088)
+
+
+def test_speakings_use_the_shared_database_from_the_secret() -> None:
+    """Two replicas on private SQLite files would each miss the other's speakings (issue 15 §2)."""
+    from tts_streamer.adapters.speaking_store import database_url
+
+    env = {e["name"]: e for e in _container()["env"]}
+    ref = env["DATABASE_DSN"]["valueFrom"]["secretKeyRef"]
+    secret = _one("Secret")
+    assert ref["name"] == secret["metadata"]["name"] and ref.get("optional") is False
+    assert "DATABASE_DSN" not in _configmap_env()  # credentials never in the ConfigMap
+    dsn = secret["stringData"][ref["key"]]
+    assert "CHANGE-ME" in dsn  # an example, no real secret
+    url = database_url(dsn, "")
+    assert url.get_backend_name() == "mysql" and url.database == "bin_manager"
+    assert DaemonConfig.from_env({"DATABASE_DSN": dsn}).database_dsn == dsn

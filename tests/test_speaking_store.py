@@ -14,6 +14,7 @@ import sqlalchemy as sa
 import trio
 
 from tests.db_support import Database, database_fixture, open_database, recreate_go_table
+from tts_streamer.adapters import speaking_sql as sql
 from tts_streamer.adapters import speaking_store as ss
 from tts_streamer.adapters.voipbin.models import Speaking
 
@@ -62,7 +63,7 @@ async def test_concurrent_creates_for_one_reference_exactly_one_wins(db: Databas
     # Another reference, or the same one once the winner is stopped, is free again.
     assert await db.store.insert_if_free(speaking(customer, uuid.uuid4()))
     (winner,) = await db.store.list_page(ss.ListFilter(before=ss.now_utc(), reference_id=reference))
-    assert (await db.store.stop(winner.id)).previous == "initiating"
+    assert (await db.store.stop(winner.id, ss.now_utc())).previous == "initiating"
     assert await db.store.insert_if_free(speaking(customer, reference))
 
 
@@ -78,14 +79,14 @@ async def test_a_create_inside_another_ones_open_transaction_waits_and_loses(db:
             if db.backend == "mariadb":
                 conn.execution_options(isolation_level="SERIALIZABLE")
             with conn.begin():
-                outcome["a"] = ss.insert_if_free(conn, speaking(customer, reference))
+                outcome["a"] = sql.insert_if_free(conn, speaking(customer, reference))
                 inserted.set()
                 time.sleep(0.6)
 
     def second() -> None:
         inserted.wait(5)
         started = time.monotonic()
-        outcome["b"] = db.store._transaction(ss.insert_if_free, (speaking(customer, reference),), True)
+        outcome["b"] = db.store._transaction(sql.insert_if_free, (speaking(customer, reference),), True)
         outcome["waited"] = time.monotonic() - started
 
     def race() -> None:
@@ -109,7 +110,7 @@ async def test_stop_is_compare_and_set_only_one_caller_sees_active(db: Database)
     results: list[ss.StopResult] = []
 
     async def stop() -> None:
-        results.append(await db.store.stop(row.id))
+        results.append(await db.store.stop(row.id, ss.now_utc()))
 
     async with trio.open_nursery() as nursery:
         for _ in range(5):
@@ -117,7 +118,7 @@ async def test_stop_is_compare_and_set_only_one_caller_sees_active(db: Database)
     assert [r.previous for r in results].count("active") == 1
     assert [r.previous for r in results].count(None) == 4
     assert all(r.row is not None and r.row.status == "stopped" for r in results)
-    assert (await db.store.stop(uuid.uuid4())) == ss.StopResult(None, None)
+    assert (await db.store.stop(uuid.uuid4(), ss.now_utc())) == ss.StopResult(None, None)
 
 
 async def test_soft_delete_keeps_the_first_time_and_hides_from_lists(db: Database) -> None:
@@ -209,3 +210,48 @@ def test_database_dsn_accepts_the_go_driver_form_and_urls(dsn: str, expected: st
     assert url.render_as_string(hide_password=True) == expected
     if "p@ss" in dsn:
         assert url.password == "p@ss:w@rd"
+
+
+async def test_stop_records_the_end_time_it_is_given_not_the_time_of_the_write(db: Database) -> None:
+    row = speaking(
+        uuid.uuid4(), uuid.uuid4(), status="active", tm_create=ss.now_utc() - dt.timedelta(minutes=2)
+    )
+    assert await db.store.insert_if_free(row)
+    ended_at = ss.now_utc() - dt.timedelta(seconds=75, microseconds=123)
+    result = await db.store.stop(row.id, ended_at)
+    assert result.previous == "active" and result.row is not None
+    assert result.row.tm_update == ended_at  # to the microsecond: a retry recognises its own write
+    assert (await db.store.stop(row.id, ss.now_utc())).row == result.row  # unchanged once stopped
+
+
+async def test_pod_heartbeats_and_orphans_never_include_pods_that_do_not_heartbeat(db: Database) -> None:
+    now = ss.now_utc()
+    old, fresh = now - dt.timedelta(seconds=90), now - dt.timedelta(seconds=2)
+    assert await db.store.heartbeat("dead-pod", old - dt.timedelta(seconds=5)) is None
+    assert await db.store.heartbeat("dead-pod", old) == old - dt.timedelta(seconds=5)
+    assert await db.store.heartbeat("live-pod", fresh) is None
+    assert await db.store.last_seen("dead-pod") == old and await db.store.last_seen("nobody") is None
+    rows = {
+        name: speaking(uuid.uuid4(), uuid.uuid4(), status=status, pod_id=pod)
+        for name, status, pod in [
+            ("orphan", "active", "dead-pod"),
+            ("half", "initiating", "dead-pod"),
+            ("closed", "stopped", "dead-pod"),
+            ("alive", "active", "live-pod"),
+            ("go", "active", "tts-manager-6c8f7d9b5-x2k4p"),  # a Go pod: never in our table
+            ("mine", "active", "me"),
+        ]
+    }
+    for row in rows.values():
+        assert await db.store.insert_if_free(row)
+    await db.store.heartbeat("me", old)
+    found = await db.store.orphans(now - dt.timedelta(seconds=60), exclude_pod="me")
+    assert {o.row.id for o in found} == {rows["orphan"].id, rows["half"].id}
+    assert {o.owner_last_seen for o in found} == {old}
+    assert [r.id for r in await db.store.live_rows_of_pod("dead-pod")] == [rows["orphan"].id, rows["half"].id]
+    # Pods are forgotten only once they own no live row.
+    assert await db.store.forget_pods(now) == 0  # every pod here still owns a live row
+    for name in ("orphan", "half"):
+        await db.store.stop(rows[name].id, old)
+    assert await db.store.forget_pods(now) == 1
+    assert await db.store.last_seen("dead-pod") is None and await db.store.last_seen("live-pod") == fresh

@@ -300,6 +300,7 @@ async def test_crash_recovery_on_startup_stops_this_pods_rows(db: Database) -> N
                 sid = (await create(rig))["id"]
                 await rig.speaking(sid, "say", {"text": "z" * 80})
                 await rig.caller.wait_event(EventType.MESSAGE_PLAY_STARTED, of_speaking(sid))
+                crashed_at = ss.now_utc()
                 pod.crash()  # killed: no drain, nothing cleaned up
                 await pod.wait_stopped()
             left = await db.store.get(uuid.UUID(sid))
@@ -316,16 +317,23 @@ async def test_crash_recovery_on_startup_stops_this_pods_rows(db: Database) -> N
                 event = await rig.caller.wait_event(EventType.SPEAKING_STOPPED, of_speaking(sid))
                 assert event.data["status"] == "stopped" and event.data["tm_update"]
                 assert event.data["tm_create"] == left.to_data()["tm_create"]
-                assert restarted.handle.speakings is not None
-                assert restarted.handle.speakings.stats.recovered == 2
+                # The end is the crashed run's last heartbeat, not the restart: downtime is not billed.
+                assert parse_timestamp(event.data["tm_update"]) <= crashed_at
+                assert restarted.handle.sweeper is not None
+                assert restarted.handle.sweeper.stats.recovered_own == 2
+                # Its external media was deleted at call-manager (the speaking id is the media id)
+                # before the pod started serving.
+                assert uuid.UUID(sid) in rig.call_manager.deleted
             statuses = [
                 getattr(await db.store.get(r), "status", None) for r in (uuid.UUID(sid), half.id, foreign.id)
             ]
             assert statuses == ["stopped", "stopped", "active"]
             async with run_pod(rig, pod_id, **db.config) as again:  # nothing left to recover
-                assert again.handle.speakings is not None and again.handle.speakings.stats.recovered == 0
+                assert again.handle.sweeper is not None and again.handle.sweeper.stats.recovered_own == 0
     assert len(events_of(rig, sid, "speaking_stopped")) == 1
-    assert events_of(rig, str(half.id)) == [] and events_of(rig, str(foreign.id)) == []
+    # The interrupted create never had a speaking_started: its streaming is reported gone, nothing more.
+    assert [e.type for e in events_of(rig, str(half.id))] == ["streaming_deleted"]
+    assert events_of(rig, str(foreign.id)) == []
 
 
 def attrs_now(row: Speaking) -> Speaking:
@@ -433,3 +441,89 @@ async def test_requests_reaching_another_pod_are_forwarded_and_a_dead_owners_row
             await rig.caller.wait_event(EventType.SPEAKING_STOPPED, of_speaking(str(ghost.id)))
     assert len(events_of(rig, sid, "speaking_stopped")) == 1
     assert len(events_of(rig, str(ghost.id), "speaking_stopped")) == 1
+
+
+async def test_a_crashed_pods_speaking_is_closed_by_a_pod_of_another_name(db: Database) -> None:
+    """The Deployment case: the crashed pod comes back under a new name, so it never sweeps its own
+    rows; any pod closes them once the owner's heartbeat is older than SPEAKING_OWNER_TIMEOUT."""
+    liveness: dict[str, Any] = {"speaking_heartbeat_interval": 0.2, "speaking_owner_timeout": 1.0}
+    with trio.fail_after(30):
+        async with open_rig(pods=0, **db.config) as rig:
+            async with run_pod(rig, f"old-{uuid.uuid4().hex[:6]}", **liveness, **db.config) as pod:
+                sid = (await create(rig))["id"]
+                await rig.speaking(sid, "say", {"text": "z" * 80})
+                await rig.caller.wait_event(EventType.MESSAGE_PLAY_STARTED, of_speaking(sid))
+                crashed_at = ss.now_utc()
+                pod.crash()
+                await pod.wait_stopped()
+            async with run_pod(rig, f"new-{uuid.uuid4().hex[:6]}", **liveness, **db.config) as new:
+                event = await rig.caller.wait_event(EventType.SPEAKING_STOPPED, of_speaking(sid))
+                closed_at = ss.now_utc()
+                ended = parse_timestamp(event.data["tm_update"])
+                # The owner's last heartbeat: at most one interval before the crash, never after it.
+                assert crashed_at - dt.timedelta(seconds=1) <= ended <= crashed_at
+                assert closed_at - crashed_at < dt.timedelta(seconds=10)
+                await rig.caller.wait_event(EventType.STREAMING_DELETED, of_speaking(sid))
+                assert new.handle.sweeper is not None and new.handle.sweeper.stats.swept == 1
+                assert uuid.UUID(sid) in rig.call_manager.deleted
+    assert len(events_of(rig, sid, "speaking_stopped")) == 1
+
+
+async def test_fields_longer_than_their_go_columns_are_refused_on_both_stores(db: Database) -> None:
+    """Go's table: varchar(32) reference_type and provider, (16) language, (255) voice_id, (8)
+    direction, charset utf8 (3 bytes at most). SQLite would store anything: the edge refuses it (400,
+    Go's code for a bad request) the same on both; the longest values that fit are stored whole."""
+    with trio.fail_after(30):
+        async with open_rig(**db.config) as rig:
+            too_long = {
+                "voice_id": "v" * 1_000_000,
+                "provider": "p" * 100_000,
+                "reference_type": "r" * 33,
+                "language": "l" * 17,
+                "direction": "d" * 9,
+            }
+            for name, value in {**too_long, "voice_id": "é" * 256, "language": "en-US-\U0001f600"}.items():
+                response = await rig.request(SHARED_QUEUE, "/v1/speakings", "POST", body(**{name: value}))
+                assert (response.status_code, response.data_type) == (400, ""), name
+            for name in too_long:
+                response = await rig.request(SHARED_QUEUE, "/v1/speakings", "POST", body(**{name: "x"}))
+                assert response.status_code == 200, name
+                await rig.speaking(response.data["id"], "stop")
+            assert await rig.request(SHARED_QUEUE, "/v1/speakings", "GET") is not None
+            fits = body(voice_id="é" * 255, provider="p" * 32, reference_type="r" * 32, language="l" * 16)
+            speaking = await create(rig, fits)
+            row = await db.store.get(uuid.UUID(speaking["id"]))
+            assert row is not None and (row.voice_id, row.provider) == (fits["voice_id"], fits["provider"])
+            listed = await rig.request(SHARED_QUEUE, "/v1/speakings?page_size=100", "GET")
+            assert len(listed.data) == len(too_long) + 1  # the refused ones never wrote a row
+
+
+async def test_a_local_sqlite_store_in_kubernetes_is_a_warning_and_a_readiness_detail(
+    db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas of a Deployment share the request queue: each on its own SQLite file would miss the
+    others' speakings. Loud, but the pod stays ready: streamings need no database, and a single-pod
+    setup on SQLite must keep working."""
+    import json
+    import urllib.request
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    with trio.fail_after(20):
+        async with open_rig(**db.config) as rig:
+            readiness = rig.daemon.readiness
+            assert readiness is not None
+
+            def fetch() -> dict[str, Any]:
+                url = f"http://127.0.0.1:{rig.daemon.http_port}/health/ready"
+                with urllib.request.urlopen(url, timeout=3) as response:
+                    assert response.status == 200
+                    return dict(json.loads(response.read()))
+
+            ready = await trio.to_thread.run_sync(fetch)
+    warned = [r for r in caplog.records if "local SQLite file" in r.getMessage()]
+    assert ready["ready"] is True
+    if db.backend == "sqlite":
+        assert "DATABASE_DSN" in ready["speakings_store_warning"]
+        assert [r.levelname for r in warned] == ["WARNING"]
+    else:
+        assert "speakings_store_warning" not in ready and warned == []

@@ -45,6 +45,7 @@ from tests.reliability.fuzz import fuzz
 from tests.reliability.http_starvation import http_starvation
 from tests.reliability.lifecycle import blocked_media_send_flush, say_add_flood
 from tests.reliability.soak import soak
+from tests.reliability.speaking_db import database_outage_during_hangups, kill_and_restart_under_another_name
 from tests.test_amqp_resilience import (
     broker_pid_of,
     close_from_broker,
@@ -447,4 +448,6 @@ SCENARIOS: list[Scenario] = [
     blocked_media_send_flush,
     say_add_flood,
     request_burst,
+    database_outage_during_hangups,
+    kill_and_restart_under_another_name,
 ]

@@ -1,4 +1,6 @@
-"""Speaking rows (voipbin's ``tts_manager_speaking``) through SQLAlchemy Core.
+"""Speaking rows (voipbin's ``tts_manager_speaking``) through SQLAlchemy Core: engines and the async store.
+
+The table and the store's interface are in speaking_schema.py, the statements in speaking_sql.py.
 
 Two backends behind one class:
 
@@ -44,15 +46,43 @@ from typing import Any, Final, TypeVar
 import attrs
 import sqlalchemy as sa
 import trio
-from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import URL, Connection, Engine, Row
+from sqlalchemy.engine import URL, Connection, Engine
 
-from tts_streamer.adapters.voipbin.models import Speaking, SpeakingStatus
+from tts_streamer.adapters import speaking_sql as sql
+from tts_streamer.adapters.speaking_schema import (
+    GO_MYSQL_DDL,
+    LIVE_STATUSES,
+    POD_TABLE_NAME,
+    TABLE_NAME,
+    ListFilter,
+    Orphan,
+    SpeakingRows,
+    StopResult,
+    StoreError,
+    metadata,
+    now_utc,
+    pod_table,
+    speaking_table,
+)
+from tts_streamer.adapters.voipbin.models import Speaking
+
+__all__ = [
+    "GO_MYSQL_DDL",
+    "LIVE_STATUSES",
+    "POD_TABLE_NAME",
+    "TABLE_NAME",
+    "ListFilter",
+    "Orphan",
+    "SpeakingRows",
+    "SpeakingStore",
+    "StopResult",
+    "StoreError",
+    "now_utc",
+    "open_speaking_store",
+    "speaking_table",
+]
 
 log = logging.getLogger(__name__)
-
-TABLE_NAME: Final = "tts_manager_speaking"
-LIVE_STATUSES: Final = (SpeakingStatus.INITIATING.value, SpeakingStatus.ACTIVE.value)
 
 # MySQL error numbers after which the whole transaction is safely retried.
 _MYSQL_DEADLOCK: Final = 1213
@@ -60,259 +90,6 @@ _MYSQL_LOCK_WAIT_TIMEOUT: Final = 1205
 _RETRIES: Final = 5
 
 _T = TypeVar("_T")
-
-
-class StoreError(Exception):
-    """The database failed (unreachable, timed out, refused the statement)."""
-
-
-# ------------------------------------------------------------------------------------------ column types
-
-
-class _UUIDBytes(sa.types.TypeDecorator[uuid.UUID]):
-    """A UUID as its 16 raw bytes: ``binary(16)`` on MySQL (voipbin's form), a BLOB on SQLite."""
-
-    impl = sa.LargeBinary(16)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.BINARY(16))
-        return dialect.type_descriptor(sa.LargeBinary(16))
-
-    def process_bind_param(self, value: uuid.UUID | None, dialect: sa.Dialect) -> bytes | None:
-        return None if value is None else value.bytes
-
-    def process_result_value(self, value: Any, dialect: sa.Dialect) -> uuid.UUID | None:
-        return None if value is None else uuid.UUID(bytes=bytes(value))
-
-
-class _UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
-    """An aware UTC datetime stored naive in UTC: ``datetime(6)`` on MySQL, ISO text on SQLite."""
-
-    impl = sa.DateTime
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
-        return dialect.type_descriptor(sa.DateTime())
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("speaking times must be timezone-aware")
-        return value.astimezone(dt.UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
-        if value is None:
-            return None
-        assert isinstance(value, dt.datetime)
-        return value.replace(tzinfo=dt.UTC)
-
-
-metadata = sa.MetaData()
-
-
-def _varchar(name: str, length: int) -> sa.Column[str]:
-    return sa.Column(name, sa.String(length), nullable=False, server_default="")
-
-
-speaking_table = sa.Table(
-    TABLE_NAME,
-    metadata,
-    sa.Column("id", _UUIDBytes(), primary_key=True, nullable=False),
-    sa.Column("customer_id", _UUIDBytes(), nullable=False),
-    _varchar("reference_type", 32),
-    sa.Column("reference_id", _UUIDBytes(), nullable=False),
-    _varchar("language", 16),
-    _varchar("provider", 32),
-    _varchar("voice_id", 255),
-    _varchar("direction", 8),
-    _varchar("status", 16),
-    _varchar("pod_id", 64),
-    sa.Column("tm_create", _UTCDateTime(), nullable=True),
-    sa.Column("tm_update", _UTCDateTime(), nullable=True),
-    sa.Column("tm_delete", _UTCDateTime(), nullable=True),
-    sa.Index("idx_tts_manager_speaking_customer_id", "customer_id"),
-    sa.Index("idx_tts_manager_speaking_reference", "reference_type", "reference_id"),
-    sa.Index("idx_tts_manager_speaking_status", "status"),
-    # Added by voipbin's second migration for the duplicate check; our create's check walks it too.
-    sa.Index(
-        "idx_tts_manager_speaking_ref_status", "customer_id", "reference_type", "reference_id", "status"
-    ),
-    mysql_engine="InnoDB",
-    mysql_charset="utf8",
-)
-
-_c = speaking_table.c
-
-# The Go service's DDL, verbatim from voipbin's two alembic migrations (tests create MySQL tables with it).
-GO_MYSQL_DDL: Final = (
-    f"""CREATE TABLE {TABLE_NAME} (
-    id binary(16) NOT NULL,
-    customer_id binary(16) NOT NULL,
-    reference_type varchar(32) NOT NULL DEFAULT '',
-    reference_id binary(16) NOT NULL,
-    language varchar(16) NOT NULL DEFAULT '',
-    provider varchar(32) NOT NULL DEFAULT '',
-    voice_id varchar(255) NOT NULL DEFAULT '',
-    direction varchar(8) NOT NULL DEFAULT '',
-    status varchar(16) NOT NULL DEFAULT '',
-    pod_id varchar(64) NOT NULL DEFAULT '',
-    tm_create datetime(6) DEFAULT NULL,
-    tm_update datetime(6) DEFAULT NULL,
-    tm_delete datetime(6) DEFAULT NULL,
-    PRIMARY KEY (id),
-    INDEX idx_tts_manager_speaking_customer_id (customer_id),
-    INDEX idx_tts_manager_speaking_reference (reference_type, reference_id),
-    INDEX idx_tts_manager_speaking_status (status)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8""",
-    f"""CREATE INDEX idx_tts_manager_speaking_ref_status
-    ON {TABLE_NAME} (customer_id, reference_type, reference_id, status)""",
-)
-
-
-def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _to_model(row: Row[Any]) -> Speaking:
-    m = row._mapping
-    return Speaking(
-        id=m["id"],
-        customer_id=m["customer_id"],
-        reference_type=m["reference_type"],
-        reference_id=m["reference_id"],
-        language=m["language"],
-        provider=m["provider"],
-        voice_id=m["voice_id"],
-        direction=m["direction"],
-        status=m["status"],
-        pod_id=m["pod_id"],
-        tm_create=m["tm_create"],
-        tm_update=m["tm_update"],
-        tm_delete=m["tm_delete"],
-    )
-
-
-def _values(speaking: Speaking) -> dict[str, Any]:
-    return {column.name: getattr(speaking, column.name) for column in speaking_table.columns}
-
-
-# ------------------------------------------------------------------------ statements (sync, in a thread)
-
-
-def insert_if_free(conn: Connection, speaking: Speaking) -> bool:
-    """Insert ``speaking`` unless a live, undeleted row holds the same customer and reference."""
-    taken = (
-        sa.select(sa.literal(1))
-        .select_from(speaking_table)
-        .where(
-            _c.customer_id == speaking.customer_id,
-            _c.reference_type == speaking.reference_type,
-            _c.reference_id == speaking.reference_id,
-            _c.status.in_(LIVE_STATUSES),
-            _c.tm_delete.is_(None),
-        )
-        .exists()
-    )
-    values = _values(speaking)
-    row = sa.select(
-        *[sa.literal(values[c.name], type_=c.type).label(c.name) for c in speaking_table.columns]
-    ).where(~taken)
-    result = conn.execute(speaking_table.insert().from_select(list(values), row))
-    return result.rowcount == 1
-
-
-def get(conn: Connection, speaking_id: uuid.UUID) -> Speaking | None:
-    row = conn.execute(sa.select(speaking_table).where(_c.id == speaking_id)).first()
-    return None if row is None else _to_model(row)
-
-
-def transition(
-    conn: Connection, speaking_id: uuid.UUID, from_: Collection[str], to: str, now: dt.datetime
-) -> Speaking | None:
-    """Compare-and-set the status; the row after the change, or None when this call changed nothing."""
-    result = conn.execute(
-        sa.update(speaking_table)
-        .where(_c.id == speaking_id, _c.status.in_(list(from_)))
-        .values(status=to, tm_update=now)
-    )
-    if result.rowcount != 1:
-        return None
-    return get(conn, speaking_id)
-
-
-@attrs.frozen
-class StopResult:
-    """``previous`` is the status this call moved the row out of (None: it changed nothing, the row was
-    already stopped or does not exist); ``row`` is the row afterwards (None: no such row)."""
-
-    previous: str | None
-    row: Speaking | None
-
-
-def stop(conn: Connection, speaking_id: uuid.UUID, now: dt.datetime) -> StopResult:
-    """Move a live row to ``stopped``, telling which status it left: only ``active`` ones were announced
-    with ``speaking_started``, so only those get a ``speaking_stopped``."""
-    current = conn.execute(sa.select(_c.status).where(_c.id == speaking_id).with_for_update()).first()
-    if current is None:
-        return StopResult(None, None)
-    if current.status not in LIVE_STATUSES:
-        return StopResult(None, get(conn, speaking_id))
-    conn.execute(
-        sa.update(speaking_table)
-        .where(_c.id == speaking_id, _c.status == current.status)
-        .values(status=SpeakingStatus.STOPPED.value, tm_update=now)
-    )
-    return StopResult(current.status, get(conn, speaking_id))
-
-
-@attrs.frozen(kw_only=True)
-class ListFilter:
-    before: dt.datetime  # rows with tm_create strictly before this (the page token)
-    limit: int = 100
-    customer_id: uuid.UUID | None = None
-    reference_type: str | None = None
-    reference_id: uuid.UUID | None = None
-    status: str | None = None
-
-
-def list_rows(conn: Connection, where: ListFilter) -> list[Speaking]:
-    query = (
-        sa.select(speaking_table)
-        .where(_c.tm_delete.is_(None), _c.tm_create < where.before)
-        .order_by(_c.tm_create.desc(), _c.id.desc())
-        .limit(where.limit)
-    )
-    if where.customer_id is not None:
-        query = query.where(_c.customer_id == where.customer_id)
-    if where.reference_type is not None:
-        query = query.where(_c.reference_type == where.reference_type)
-    if where.reference_id is not None:
-        query = query.where(_c.reference_id == where.reference_id)
-    if where.status is not None:
-        query = query.where(_c.status == where.status)
-    return [_to_model(row) for row in conn.execute(query)]
-
-
-def soft_delete(conn: Connection, speaking_id: uuid.UUID, now: dt.datetime) -> Speaking | None:
-    """Set ``tm_delete`` (and ``tm_update``) once; the row afterwards, or None if there is no such row."""
-    conn.execute(
-        sa.update(speaking_table)
-        .where(_c.id == speaking_id, _c.tm_delete.is_(None))
-        .values(tm_delete=now, tm_update=now)
-    )
-    return get(conn, speaking_id)
-
-
-def live_ids_of_pod(conn: Connection, pod_id: str) -> list[uuid.UUID]:
-    rows = conn.execute(
-        sa.select(_c.id).where(_c.pod_id == pod_id, _c.status.in_(LIVE_STATUSES)).order_by(_c.tm_create)
-    )
-    return [row.id for row in rows]
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -495,31 +272,48 @@ class SpeakingStore:
         await trio.to_thread.run_sync(create, limiter=self._limiter)
 
     async def insert_if_free(self, speaking: Speaking) -> bool:
-        return await self._run(insert_if_free, speaking, serializable=True)
+        return await self._run(sql.insert_if_free, speaking, serializable=True)
 
     async def get(self, speaking_id: uuid.UUID) -> Speaking | None:
-        return await self._run(get, speaking_id)
+        return await self._run(sql.get, speaking_id)
 
     async def transition(
         self, speaking_id: uuid.UUID, from_: Collection[str], to: str, now: dt.datetime | None = None
     ) -> Speaking | None:
-        return await self._run(transition, speaking_id, tuple(from_), to, now or now_utc())
+        return await self._run(sql.transition, speaking_id, tuple(from_), to, now or now_utc())
 
-    async def stop(self, speaking_id: uuid.UUID, now: dt.datetime | None = None) -> StopResult:
-        return await self._run(stop, speaking_id, now or now_utc())
+    async def stop(self, speaking_id: uuid.UUID, ended_at: dt.datetime) -> StopResult:
+        return await self._run(sql.stop, speaking_id, ended_at)
 
     async def list_page(self, where: ListFilter) -> list[Speaking]:
-        return await self._run(list_rows, where)
+        return await self._run(sql.list_rows, where)
 
     async def soft_delete(self, speaking_id: uuid.UUID, now: dt.datetime | None = None) -> Speaking | None:
-        return await self._run(soft_delete, speaking_id, now or now_utc())
+        return await self._run(sql.soft_delete, speaking_id, now or now_utc())
 
-    async def live_ids_of_pod(self, pod_id: str) -> list[uuid.UUID]:
-        return await self._run(live_ids_of_pod, pod_id)
+    async def live_rows_of_pod(self, pod_id: str) -> list[Speaking]:
+        return await self._run(sql.live_rows_of_pod, pod_id)
+
+    async def heartbeat(self, pod_id: str, now: dt.datetime) -> dt.datetime | None:
+        return await self._run(sql.heartbeat, pod_id, now)
+
+    async def last_seen(self, pod_id: str) -> dt.datetime | None:
+        return await self._run(sql.last_seen, pod_id)
+
+    async def orphans(self, seen_before: dt.datetime, *, exclude_pod: str, limit: int = 100) -> list[Orphan]:
+        return await self._run(sql.orphans, seen_before, exclude_pod, limit)
+
+    async def forget_pods(self, seen_before: dt.datetime) -> int:
+        return await self._run(sql.forget_pods, seen_before)
 
     async def truncate(self) -> None:
-        """Tests: empty the table."""
-        await self._run(lambda conn: conn.execute(sa.delete(speaking_table)))
+        """Tests: empty the tables."""
+
+        def delete_all(conn: Connection) -> None:
+            conn.execute(sa.delete(speaking_table))
+            conn.execute(sa.delete(pod_table))
+
+        await self._run(delete_all)
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self.engine.dispose, limiter=self._limiter)

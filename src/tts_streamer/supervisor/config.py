@@ -79,6 +79,10 @@ class DaemonConfig:
     # speakings (docs/speakings.md): MySQL/MariaDB when DATABASE_DSN is set, else an SQLite file
     database_dsn: str = ""
     sqlite_path: str = attrs.field(factory=default_sqlite_path)
+    # speakings' billing integrity (docs/speakings.md): pod heartbeats, orphan sweep, stop-write retries
+    speaking_heartbeat_interval: float = 5.0
+    speaking_owner_timeout: float = 60.0
+    speaking_stop_retry_timeout: float = 900.0
     # speeches: WAV cache served over HTTP; media_filepath = http://<POD_IP rule>[:port]/<sha1>.wav
     media_dir: str = attrs.field(factory=default_media_dir)
     media_cache_max_bytes: int = 1 << 30
@@ -139,6 +143,13 @@ class DaemonConfig:
             log_format=get("LOG_FORMAT", d.log_format, _log_format),
             database_dsn=get("DATABASE_DSN", d.database_dsn, str),
             sqlite_path=get("SQLITE_PATH", d.sqlite_path, str),
+            speaking_heartbeat_interval=get(
+                "SPEAKING_HEARTBEAT_INTERVAL", d.speaking_heartbeat_interval, _positive_float
+            ),
+            speaking_owner_timeout=get("SPEAKING_OWNER_TIMEOUT", d.speaking_owner_timeout, _positive_float),
+            speaking_stop_retry_timeout=get(
+                "SPEAKING_STOP_RETRY_TIMEOUT", d.speaking_stop_retry_timeout, _positive_float
+            ),
             media_dir=get("MEDIA_DIR", d.media_dir, str),
             media_cache_max_bytes=get("MEDIA_CACHE_MAX_BYTES", d.media_cache_max_bytes, _positive_int),
             media_http_host=get("MEDIA_HTTP_HOST", d.media_http_host, str),

@@ -40,7 +40,9 @@ from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.metrics import Metrics
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
-from tts_streamer.supervisor.speakings import SpeakingService
+from tts_streamer.supervisor.speaking_parts import local_store_warning
+from tts_streamer.supervisor.speaking_recovery import LivenessConfig, OrphanSweeper
+from tts_streamer.supervisor.speakings import SpeakingService, StopRetry
 from tts_streamer.supervisor.speeches import (
     MediaCache,
     SpeechService,
@@ -120,6 +122,7 @@ class DaemonHandle:
     http_port: int = 0
     console_address: object = None
     speakings: SpeakingService | None = None
+    sweeper: OrphanSweeper | None = None
     speeches: SpeechService | None = None
     media_http_port: int = 0
 
@@ -151,6 +154,11 @@ async def run_daemon(
     if config.default_engine not in engines:
         # A startup error naming the variable (exit 2 from `serve`), not a traceback from the supervisor.
         raise ConfigError(f"DEFAULT_ENGINE={config.default_engine!r}: not one of {sorted(engines)}")
+    if config.speaking_owner_timeout < 2 * config.speaking_heartbeat_interval:
+        raise ConfigError(
+            f"SPEAKING_OWNER_TIMEOUT={config.speaking_owner_timeout:g}: must be at least twice "
+            f"SPEAKING_HEARTBEAT_INTERVAL ({config.speaking_heartbeat_interval:g}), or live pods look dead"
+        )
     bus = EventBus()
     publisher = EventPublisher(capacity=config.event_buffer, max_bytes=config.event_max_bytes)
     shutdown = trio.Event()
@@ -205,9 +213,14 @@ async def run_daemon(
                         open_speaking_store(config.database_dsn, config.sqlite_path) as store,
                         trio.open_nursery() as services,
                     ):
+                        log.info("speakings store: %s", store.describe())
+                        readiness.speakings_store_warning = local_store_warning(store.is_sqlite, os.environ)
+                        if readiness.speakings_store_warning:
+                            log.warning("%s", readiness.speakings_store_warning)
+                        call_manager = CallManager(bridge, config.call_manager_timeout)
                         streamings = StreamingService(
                             supervisor,
-                            CallManager(bridge, config.call_manager_timeout),
+                            call_manager,
                             publisher,
                             services,
                             pod_id=config.pod_id,
@@ -224,10 +237,25 @@ async def run_daemon(
                             pod_id=config.pod_id,
                             engines=engines.keys(),
                             max_text_bytes=config.max_text_bytes,
+                            stop_retry=StopRetry(give_up_after=config.speaking_stop_retry_timeout),
                         )
                         streamings.add_end_listener(speakings.on_streaming_ended)
                         bus.add_listener(speakings.on_session_event)
-                        await speakings.recover()  # rows a crashed run of this pod left live
+                        sweeper = OrphanSweeper(
+                            store,
+                            publisher,
+                            call_manager,
+                            pod_id=config.pod_id,
+                            config=LivenessConfig(
+                                heartbeat_every=config.speaking_heartbeat_interval,
+                                owner_timeout=config.speaking_owner_timeout,
+                            ),
+                            is_held=speakings.live.__contains__,
+                        )
+                        # Rows a crashed run of this pod left live, before serving (and before the
+                        # first heartbeat overwrites that run's last one); retried there if it fails.
+                        await sweeper.beat()
+                        await services.start(sweeper.serve)
                         cache = MediaCache(config.media_dir, config.media_cache_max_bytes)
                         await cache.setup()
                         media_port = 0  # not served here: another web server serves MEDIA_DIR
@@ -276,6 +304,7 @@ async def run_daemon(
                                 http_port=http_port,
                                 console_address=console_address,
                                 speakings=speakings,
+                                sweeper=sweeper,
                                 speeches=speeches,
                                 media_http_port=media_port,
                             )
@@ -332,6 +361,8 @@ async def _drain(
         if speakings is not None:
             await speakings.drain()  # their rows stopped and speaking_stopped handed to the publisher
         await publisher.wait_drained()
+    if speakings is not None:
+        speakings.report_unwritten()  # stops whose rows the database never took: named in the log
     if deadline.cancelled_caught:
         log.warning(
             "drain overran %s s: %d session(s) and %d event(s) left",

@@ -44,6 +44,9 @@ class Readiness:
     draining: bool = False
     # Detail, not a readiness failure: requests for these fall back to another voice.
     vendors_unavailable: dict[str, str] = attrs.field(factory=dict)
+    # Detail, not a readiness failure: the speakings' store is a local file although other pods may
+    # serve the same shared queue (docs/deploy.md); empty when the store is shared.
+    speakings_store_warning: str = ""
 
     def reasons(self, supervisor: Supervisor | None = None) -> list[str]:
         """Why the daemon is not ready (empty when it is); stable codes for probes and dashboards."""
@@ -351,7 +354,9 @@ def health_routes(
 
     async def ready(_request: HttpRequest) -> HttpResponse:
         reasons = readiness.reasons(supervisor)
-        detail = {"vendors_unavailable": readiness.vendors_unavailable}
+        detail: dict[str, object] = {"vendors_unavailable": readiness.vendors_unavailable}
+        if readiness.speakings_store_warning:
+            detail["speakings_store_warning"] = readiness.speakings_store_warning
         if reasons:
             return HttpResponse.json(503, {"ready": False, "reasons": reasons, **detail})
         return HttpResponse.json(200, {"ready": True, "reasons": [], **detail})

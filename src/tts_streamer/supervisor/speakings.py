@@ -4,11 +4,11 @@ Same bodies, codes and JSON as the Go tts-manager (shared/reference/voipbin-wire
 StreamingService: the speaking id is the streaming id (and call-manager's external-media id). The row
 lives in ``tts_manager_speaking`` (adapters/speaking_store.py); what billing depends on is fixed here:
 
-* a speaking reaches ``stopped`` with one ``speaking_stopped`` (carrying ``tm_update``) **whenever** its
-  stream ends: the stop route, hang-up, WebSocket loss, vendor failure, daemon shutdown, and on startup
-  for rows a crashed run of this pod left live. Every path ends in the store's compare-and-set ``stop``,
-  and only the caller that moved the row out of ``active`` publishes, so each ``speaking_started`` gets
-  exactly one ``speaking_stopped`` and a row that never became active gets none;
+* a speaking reaches ``stopped`` with one ``speaking_stopped`` (carrying ``tm_update`` = when its audio
+  ended) **whenever** its stream ends: the stop route, hang-up, WebSocket loss, vendor failure, daemon
+  shutdown; a crashed pod's rows are closed by the sweep (speaking_recovery.py). Every path ends in the
+  store's compare-and-set ``stop``, and only the caller that moved the row out of ``active`` publishes;
+  the row's write is retried while the database fails (the stream is ended first, whatever it does);
 * two creates for the same customer and reference race in the database, not in memory: exactly one
   inserts its row (see the store), the other answers 500 as Go does for a duplicate.
 
@@ -22,14 +22,13 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Final
+from typing import Any
 
-import attrs
 import trio
 
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import CommandError
-from tts_streamer.adapters.speaking_store import ListFilter, SpeakingStore, StopResult, StoreError, now_utc
+from tts_streamer.adapters.speaking_schema import SpeakingRows, StoreError, now_utc
 from tts_streamer.adapters.voipbin import envelope, models
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.adapters.voipbin.models import (
@@ -37,88 +36,63 @@ from tts_streamer.adapters.voipbin.models import (
     Speaking,
     SpeakingCreate,
     SpeakingSay,
-    SpeakingStatus,
 )
 from tts_streamer.adapters.voipbin.routes import RouteMatch, RouteName
 from tts_streamer.adapters.voipbin.wire import (
     NIL_UUID,
     TextTooLongError,
     WireError,
-    parse_timestamp,
-    uuid_from_string_or_nil,
 )
 from tts_streamer.supervisor.command_plane import Handler, NotOwned
-from tts_streamer.supervisor.event_publisher import EventPublisher
-from tts_streamer.supervisor.streamings import StreamingService
+from tts_streamer.supervisor.speaking_parts import (
+    ACTIVE,
+    DEFAULT_PROVIDER,
+    INITIATING,
+    PAGE_SIZE_MAX,
+    STOPPED,
+    EventSink,
+    LiveSpeaking,
+    SpeakingStats,
+    SpeakingStreams,
+    StopRetry,
+    check_columns,
+    list_filter,
+    page_size,
+    parse_page_token,
+    stopped_at,
+    write_stop_with_retries,
+)
+
+__all__ = [
+    "DEFAULT_PROVIDER",
+    "PAGE_SIZE_MAX",
+    "SpeakingService",
+    "SpeakingStreams",
+    "StopRetry",
+    "page_size",
+    "parse_page_token",
+]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PROVIDER: Final = "elevenlabs"
-PAGE_SIZE_MAX: Final = 100
-_LEGACY_TOKEN: Final = "%Y-%m-%d %H:%M:%S.%f"  # voipbin's pre-2026 timestamp text
-_STOP_RETRIES: Final = 3
-
-ACTIVE: Final = SpeakingStatus.ACTIVE.value
-INITIATING: Final = SpeakingStatus.INITIATING.value
-STOPPED: Final = SpeakingStatus.STOPPED.value
-
-
-@attrs.define(eq=False)
-class _Live:
-    """A speaking whose stream this pod holds (from its create until its row is stopped)."""
-
-    speaking_id: uuid.UUID
-    creating: bool = True  # the create route has not finished yet
-    active: bool = False  # speaking_started has been published
-    ended: bool = False  # the stream is gone
-    end_reason: str = ""
-    stopping: bool = False  # a stop (route or vendor failure) is ending it
-    deferred_stop: Speaking | None = None  # stopped before create announced it: create publishes it
-
-
-@attrs.define
-class SpeakingStats:
-    created: int = 0
-    refused_duplicate: int = 0
-    create_failed: int = 0
-    started_events: int = 0
-    stopped_events: int = 0
-    recovered: int = 0
-
-
-def parse_page_token(token: str) -> dt.datetime:
-    """A page token is a ``tm_create`` (``YYYY-MM-DDTHH:MM:SS.ffffffZ``, or voipbin's older text form)."""
-    try:
-        return parse_timestamp(token)
-    except WireError:
-        pass
-    try:
-        return dt.datetime.strptime(token, _LEGACY_TOKEN).replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise WireError(f"invalid page_token {token[:40]!r}") from None
-
-
-def page_size(raw: str | None) -> int:
-    """Go: an unparsable size is ignored (100); 0 or over 100 becomes 100."""
-    size = int(raw) if raw and raw.isascii() and raw.isdigit() else PAGE_SIZE_MAX
-    return PAGE_SIZE_MAX if size == 0 or size > PAGE_SIZE_MAX else size
 
 
 class SpeakingService:
     def __init__(
         self,
-        store: SpeakingStore,
-        streamings: StreamingService,
-        publisher: EventPublisher,
+        store: SpeakingRows,
+        streamings: SpeakingStreams,
+        publisher: EventSink,
         nursery: trio.Nursery,
         *,
         pod_id: str,
         engines: Collection[str] = (),
         max_text_bytes: int = SPEAKING_SAY_MAX_TEXT_BYTES,
         stop_on_vendor_error: bool = True,
+        stop_retry: StopRetry = StopRetry(),
+        clock: Callable[[], dt.datetime] = now_utc,
     ) -> None:
         self.stats = SpeakingStats()
-        self.live: dict[uuid.UUID, _Live] = {}
+        self.live: dict[uuid.UUID, LiveSpeaking] = {}
         self._store = store
         self._streamings = streamings
         self._publisher = publisher
@@ -127,6 +101,10 @@ class SpeakingService:
         self._engines = frozenset(engines)
         self._max_text_bytes = max_text_bytes
         self._stop_on_vendor_error = stop_on_vendor_error
+        self._stop_retry = stop_retry
+        self._clock = clock
+        # Ended speakings whose stopped row is not written yet (database failing): id -> end time.
+        self.unwritten: dict[uuid.UUID, dt.datetime] = {}
         self._pending = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -144,23 +122,23 @@ class SpeakingService:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    async def recover(self) -> int:
-        """Startup: stop the rows a crashed run of this pod left live (their streams died with it) and
-        publish ``speaking_stopped`` for those that had been announced. Returns how many were stopped."""
-        ids = await self._store.live_ids_of_pod(self._pod_id)
-        for speaking_id in ids:
-            result = await self._store.stop(speaking_id)
-            if result.previous == ACTIVE and result.row is not None:
-                self._announce_stopped(result.row)
-        if ids:
-            log.warning("pod=%s stopped %d speaking(s) left live by an earlier run", self._pod_id, len(ids))
-        self.stats.recovered += len(ids)
-        return len(ids)
-
     async def drain(self) -> None:
-        """Shutdown: wait until every ended stream's row is stopped and its event handed to the publisher."""
+        """Shutdown: wait until every ended stream's row is stopped and its event handed to the publisher
+        (the daemon bounds this by DRAIN_TIMEOUT, then calls ``report_unwritten``)."""
         while self._pending:
             await self._idle.wait()
+
+    def report_unwritten(self) -> int:
+        """Shutdown: name every speaking whose stopped row could not be written (the database failing),
+        with the end time it should have had; another pod's sweep closes them (docs/speakings.md)."""
+        for speaking_id, ended_at in sorted(self.unwritten.items(), key=lambda item: item[1]):
+            log.error(
+                "speaking=%s ended at %s but its row is still live: the database failed; "
+                "another pod's sweep will close it",
+                speaking_id,
+                ended_at.isoformat(),
+            )
+        return len(self.unwritten)
 
     @property
     def pending(self) -> int:
@@ -171,6 +149,7 @@ class SpeakingService:
     async def create(self, data: Any) -> Response:
         try:
             request = SpeakingCreate.from_data(data)
+            check_columns(request)
         except WireError as exc:
             log.info("speaking create: bad request: %s", exc.reason)
             return envelope.plain_error(400)
@@ -202,15 +181,15 @@ class SpeakingService:
                 request.reference_id,
             )
             return envelope.plain_error(500)
-        live = self.live[sid] = _Live(sid)
+        live = self.live[sid] = LiveSpeaking(sid)
         try:
             return await self._start(live, speaking, request)
         finally:
             live.creating = False
-            if not live.active:
+            if not live.active or (live.written is not None and live.written.is_set()):
                 self.live.pop(sid, None)
 
-    async def _start(self, live: _Live, speaking: Speaking, request: SpeakingCreate) -> Response:
+    async def _start(self, live: LiveSpeaking, speaking: Speaking, request: SpeakingCreate) -> Response:
         sid = speaking.id
         started = await self._streamings.start(
             models.StreamingCreate(
@@ -234,11 +213,13 @@ class SpeakingService:
             except StoreError as exc:
                 log.error("speaking=%s create: activation failed: %s", sid, exc)
         if row is None:
-            # The stream failed or ended, or a stop got to the row first: nothing was announced.
+            # The stream failed or ended, or a stop got to the row first: nothing was announced. The
+            # row's stop is written in the background (retried if the database is failing).
             self.stats.create_failed += 1
+            live.stopping = True
             if not started.is_error:
                 await self._streamings.delete(sid)
-            await self._stop_row(sid)
+            self._write_stop_soon(live)
             return envelope.plain_error(500)
         live.active = True
         self.stats.created += 1
@@ -248,29 +229,17 @@ class SpeakingService:
             self._announce_stopped(live.deferred_stop)  # a stop won the race after activation
             self.live.pop(sid, None)
         elif live.ended or live.stopping:
-            self._spawn(self._finish, sid)  # the stream ended while the row was being activated
+            self._write_stop_soon(live)  # the stream ended while the row was being activated
         return envelope.ok(row.to_data())
 
     async def list_page(self, match: RouteMatch) -> Response:
         if match.uri_error:
             return envelope.plain_error(400)
-        query = match.query
-        token = query.get("page_token", "")
         try:
-            before = parse_page_token(token) if token else now_utc()
+            where = list_filter(match.query)
         except WireError as exc:
             log.info("speaking list: %s", exc.reason)
             return envelope.plain_error(400)
-        customer_id, reference_id = query.get("customer_id"), query.get("reference_id")
-        where = ListFilter(
-            before=before,
-            limit=page_size(query.get("page_size")),
-            # Go: FromStringOrNil, so a malformed id filters on the nil UUID.
-            customer_id=uuid_from_string_or_nil(customer_id) if customer_id else None,
-            reference_type=query.get("reference_type") or None,
-            reference_id=uuid_from_string_or_nil(reference_id) if reference_id else None,
-            status=query.get("status") or None,
-        )
         try:
             rows = await self._store.list_page(where)
         except StoreError as exc:
@@ -279,16 +248,20 @@ class SpeakingService:
         return envelope.ok([row.to_data() for row in rows])
 
     async def get(self, speaking_id: uuid.UUID) -> Response:
-        row = await self._read(speaking_id)
+        try:
+            row = await self._store.get(speaking_id)
+        except StoreError as exc:
+            log.error("speaking=%s get: store failed: %s", speaking_id, exc)
+            return envelope.plain_error(500)
         return envelope.plain_error(404) if row is None else envelope.ok(row.to_data())
 
     async def delete(self, speaking_id: uuid.UUID) -> Response:
         """Soft delete (``tm_delete`` = ``tm_update`` = now, kept on a second delete); audio goes on."""
         try:
-            row = await self._store.soft_delete(speaking_id)
+            row = await self._store.soft_delete(speaking_id, self._clock())
         except StoreError as exc:
             log.error("speaking=%s delete: store failed: %s", speaking_id, exc)
-            return envelope.plain_error(404)
+            return envelope.plain_error(500)
         return envelope.plain_error(404) if row is None else envelope.ok(row.to_data())
 
     async def say(self, speaking_id: uuid.UUID, data: Any) -> Response:
@@ -322,24 +295,39 @@ class SpeakingService:
         return envelope.ok(row.to_data())
 
     async def stop(self, speaking_id: uuid.UUID) -> Response:
-        row = await self._read(speaking_id)
+        """The audio ends first, whatever the database does; then the row (retried in the background
+        while the database fails: the reply is then 500, and ``speaking_stopped`` follows the write)."""
+        answer_by = trio.current_time() + self._stop_retry.reply_within  # callers give up after 3 s
+        live = self.live.get(speaking_id)
+        if live is None:
+            return await self._stop_not_held(speaking_id)
+        if not live.stopping:
+            live.stopping = True
+            # Go's streaming DELETE steps, errors ignored: external media, socket, vendor all end here.
+            await self._streamings.delete(speaking_id)
+        written = self._write_stop_soon(live)
+        with trio.move_on_at(answer_by):
+            await written.wait()
+        if live.result is None:
+            return envelope.plain_error(500)  # audio stopped; the row follows when the database answers
+        if live.result.row is None:
+            return envelope.plain_error(404)
+        return envelope.ok(live.result.row.to_data())
+
+    async def _stop_not_held(self, speaking_id: uuid.UUID) -> Response:
+        try:
+            row = await self._store.get(speaking_id)
+        except StoreError as exc:
+            log.error("speaking=%s stop: store failed: %s", speaking_id, exc)
+            return envelope.plain_error(500)
         if row is None:
             return envelope.plain_error(404)
         if row.status == STOPPED:
             return envelope.ok(row.to_data())  # unchanged, no event
-        live = self.live.get(speaking_id)
-        if live is None and row.pod_id != self._pod_id:
+        if row.pod_id != self._pod_id:
             raise NotOwned(fallback=lambda: self._stop_unowned(speaking_id))
-        if live is not None:
-            live.stopping = True
-            # Go's streaming DELETE steps, errors ignored: external media, socket, vendor all end here.
-            await self._streamings.delete(speaking_id)
-        result = await self._stop_row(speaking_id)
-        if live is not None and not live.creating:
-            self.live.pop(speaking_id, None)
-        if result is None or result.row is None:
-            return envelope.plain_error(404)
-        return envelope.ok(result.row.to_data())
+        # Ours but not held: a crashed run's row the startup sweep missed, or a write given up on.
+        return await self._stop_once(speaking_id, "not held by this pod")
 
     # -- stream ends -----------------------------------------------------------------------------------
 
@@ -349,11 +337,12 @@ class SpeakingService:
         if live is None:
             return
         live.ended = True
+        live.ended_at = live.ended_at or self._clock()  # the billing end: now, not when the row is written
         live.end_reason = live.end_reason or reason
         if live.active and not live.stopping:
             # The create route handles streams that end before activation; the stop route its own.
             live.stopping = True
-            self._spawn(self._finish, streaming_id)
+            self._write_stop_soon(live)
 
     def on_session_event(self, event: ev.SessionEvent) -> None:
         """Event-bus listener: a vendor failure ends the speaking (nothing else would tell the caller)."""
@@ -373,39 +362,68 @@ class SpeakingService:
         self._spawn(self._end_stream, live.speaking_id)
 
     async def _end_stream(self, speaking_id: uuid.UUID) -> None:
-        await self._streamings.delete(speaking_id)
-        await self._finish(speaking_id)
-
-    async def _finish(self, speaking_id: uuid.UUID) -> None:
         live = self.live.get(speaking_id)
-        result = await self._stop_row(speaking_id)
-        if live is not None and result is not None:
-            log.info("speaking=%s stopped (%s)", speaking_id, live.end_reason or "ended")
-        self.live.pop(speaking_id, None)
+        await self._streamings.delete(speaking_id)
+        if live is not None:
+            self._write_stop_soon(live)
 
     async def _stop_unowned(self, speaking_id: uuid.UUID) -> Response:
         """No pod answered for this row's owner: it is gone, and so is its stream. Stop the row."""
         log.warning("speaking=%s: its pod did not answer; stopping the row here", speaking_id)
-        result = await self._stop_row(speaking_id)
-        if result is None or result.row is None:
-            return envelope.plain_error(404)
-        return envelope.ok(result.row.to_data())
+        return await self._stop_once(speaking_id, "its pod did not answer")
 
-    async def _stop_row(self, speaking_id: uuid.UUID) -> StopResult | None:
-        """Compare-and-set the row to ``stopped``; announce it when this call moved it out of
-        ``active``. A database hiccup is retried briefly; after that the startup sweep has it."""
-        for attempt in range(1, _STOP_RETRIES + 1):
-            try:
-                result = await self._store.stop(speaking_id)
-            except StoreError as exc:
-                log.error("speaking=%s stop: store failed (try %d): %s", speaking_id, attempt, exc)
-                if attempt < _STOP_RETRIES:
-                    await trio.sleep(0.2 * attempt)
-                continue
-            if result.previous == ACTIVE and result.row is not None:
+    async def _stop_once(self, speaking_id: uuid.UUID, why: str) -> Response:
+        """One compare-and-set for a row whose stream is not here (no retries: the caller sees 500)."""
+        try:
+            result = await self._store.stop(speaking_id, self._clock())
+        except StoreError as exc:
+            log.error("speaking=%s stop (%s): store failed: %s", speaking_id, why, exc)
+            return envelope.plain_error(500)
+        if result.previous == ACTIVE and result.row is not None:
+            self._announce_stopped(result.row)
+        return envelope.plain_error(404) if result.row is None else envelope.ok(result.row.to_data())
+
+    def _write_stop_soon(self, live: LiveSpeaking) -> trio.Event:
+        """Start the one writer of this speaking's stopped row (idempotent); the event it sets when done."""
+        if live.written is None:
+            live.ended_at = live.ended_at or self._clock()
+            live.written = trio.Event()
+            self._spawn(lambda _sid: self._write_stop(live), live.speaking_id)
+        return live.written
+
+    async def _write_stop(self, live: LiveSpeaking) -> None:
+        """The row to ``stopped`` with the real end time, retried while the database fails; announced
+        when this write moved it out of ``active``. A write whose commit succeeded but whose answer was
+        lost shows on the retry as a row already stopped at exactly our end time: that one was ours."""
+        sid, ended_at = live.speaking_id, live.ended_at or self._clock()
+        assert live.written is not None
+
+        def failed(_exc: StoreError) -> None:
+            self.stats.stop_write_failures += 1
+            self.unwritten[sid] = ended_at
+
+        try:
+            written = await write_stop_with_retries(
+                self._store, sid, ended_at, self._stop_retry, on_failure=failed
+            )
+            if written is None:
+                self.stats.stops_abandoned += 1
+                return
+            result = written.result
+            previous = result.previous
+            if previous is None and written.retried and stopped_at(result.row, ended_at):
+                previous = ACTIVE if live.active else INITIATING
+            if previous == ACTIVE and result.row is not None:
                 self._announce_stopped(result.row)
-            return result
-        return None
+            if written.retried:
+                log.warning("speaking=%s stop written after the database came back", sid)
+            live.result = result
+            self.unwritten.pop(sid, None)
+            log.info("speaking=%s stopped (%s)", sid, live.end_reason or "ended")
+        finally:
+            live.written.set()
+            if not live.creating:
+                self.live.pop(sid, None)
 
     def _announce_stopped(self, row: Speaking) -> None:
         live = self.live.get(row.id)
@@ -417,17 +435,14 @@ class SpeakingService:
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    async def _read(self, speaking_id: uuid.UUID) -> Speaking | None:
+    async def _usable(self, speaking_id: uuid.UUID) -> Speaking | Response:
+        """The row of an active speaking whose stream this pod holds, else the route's answer (404; 500
+        when the store fails); a live row of another pod raises NotOwned so the plane forwards it."""
         try:
-            return await self._store.get(speaking_id)
+            row = await self._store.get(speaking_id)
         except StoreError as exc:
             log.error("speaking=%s read failed: %s", speaking_id, exc)
-            return None
-
-    async def _usable(self, speaking_id: uuid.UUID) -> Speaking | Response:
-        """The row of an active speaking whose stream this pod holds, else the route's answer (404); a
-        live row of another pod raises NotOwned so the plane forwards the request to it."""
-        row = await self._read(speaking_id)
+            return envelope.plain_error(500)
         live = self.live.get(speaking_id)
         if row is not None and live is None and row.status == ACTIVE and row.pod_id != self._pod_id:
             raise NotOwned(fallback=_not_found)
@@ -439,7 +454,15 @@ class SpeakingService:
         self._pending += 1
         if self._idle.is_set():
             self._idle = trio.Event()
-        self._nursery.start_soon(self._tracked, fn, speaking_id, name=f"speaking-end[{speaking_id}]")
+        try:
+            self._nursery.start_soon(self._tracked, fn, speaking_id, name=f"speaking-end[{speaking_id}]")
+        except RuntimeError:
+            # The services are torn down (the daemon failing or killed): nobody is left to write the
+            # row here; the next run of this pod, or another pod's sweep, closes it.
+            self._pending -= 1
+            if not self._pending:
+                self._idle.set()
+            log.warning("speaking=%s ended after the services stopped: row left to the sweep", speaking_id)
 
     async def _tracked(self, fn: Callable[[uuid.UUID], Awaitable[None]], speaking_id: uuid.UUID) -> None:
         try:
