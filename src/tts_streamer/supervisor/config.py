@@ -14,7 +14,10 @@ from typing import TypeVar
 
 import attrs
 
+from tts_streamer.actors.media_socket import PacingConfig
+
 T = TypeVar("T")
+_SHIPPED_PACING = PacingConfig()
 
 
 class ConfigError(ValueError):
@@ -52,8 +55,8 @@ class DaemonConfig:
     event_buffer: int = 10_000
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
-    lead_frames: int = 3
-    frames_per_message: int = 5  # bench/results: 1 cannot keep up past ~180 sessions per core
+    lead_frames: int = _SHIPPED_PACING.lead_frames  # one source of truth: PacingConfig's defaults
+    frames_per_message: int = _SHIPPED_PACING.frames_per_message
     media_start_timeout: float = 5.0
     admin_socket: str = ""  # empty: $XDG_RUNTIME_DIR/tts-streamer/console.sock or a per-user temp dir
     admin_host: str = ""
