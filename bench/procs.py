@@ -131,7 +131,7 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
     drv_out = workdir / f"{tag}-driver.json"
     budget = 30.0 + sc.sessions * 0.03 + sc.idle_seconds + sc.ramp + sc.speech_seconds * 1.25 + 30.0
     messages = int(sc.sessions * (sc.speech_seconds + 5) * 50 / sc.frames_per_message * 1.1) + 1024
-    cfg = {
+    cfg: dict[str, Any] = {
         "ports": [],
         "sessions": sc.sessions,
         "duration": sc.duration if not sc.flush else sc.flush_after + sc.flush_spread + 5.0,

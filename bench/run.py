@@ -146,7 +146,7 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         {"flush_after": 0.5, "flush_spread": 0.5, "new_seconds": 0.5} if args.quick else {}
     )
     lead, fpm, gc_mode = SHIPPED
-    shipped = {"lead_frames": lead, "frames_per_message": fpm, "gc": gc_mode}
+    shipped: dict[str, Any] = {"lead_frames": lead, "frames_per_message": fpm, "gc": gc_mode}
     out: list[Scenario] = []
     for n in _ints(args.sessions):
         out.append(Scenario("pacing", n, args.duration, **shipped, **common))
@@ -453,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.main_table([(sc, r) for sc, r in rows if sc.kind != "sweep"]))
     print()
-    for key, results in targets.items():
+    for key, verdicts in targets.items():
         print(f"targets for {config_name(key)}:")
-        for name, status, detail in results:
+        for name, status, detail in verdicts:
             print(f"{status:>14}  {name}: {detail}")
     for problem in problems:
         print(f"{'CHECK':>14}  {problem}")

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 from bench import driver, procs
 from bench import run as bench_run
 
@@ -55,7 +56,7 @@ def test_bench_shipped_rows_run_as_serve_runs() -> None:
 def test_bench_driver_applies_tune_gc_only_for_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[str] = []
     monkeypatch.setattr(driver, "tune_gc", lambda: calls.append("tuned"))
-    monkeypatch.setattr(driver.trio, "run", lambda fn: {"sessions": {}, "connect_failures": []})
+    monkeypatch.setattr(trio, "run", lambda fn: {"sessions": {}, "connect_failures": []})
     for gc_mode, expected in [("serve", ["tuned"]), ("stock", [])]:
         calls.clear()
         path = tmp_path / f"{gc_mode}.json"
