@@ -58,8 +58,12 @@ def make_client(
     max_connections: int = 50,
     connect_timeout: float = 2.0,
     read_timeout: float = 5.0,
+    verify: str | None = None,
 ) -> Any:
-    """A Polly client from the standard AWS configuration (env, profile, role), pool sized for us."""
+    """A Polly client from the standard AWS configuration (env, profile, role), pool sized for us.
+
+    ``verify``: a CA bundle to trust instead of the system's (a TLS fake or a private endpoint); None
+    keeps botocore's default verification (which also honours ``AWS_CA_BUNDLE``). Never disables it."""
     import boto3
     from botocore.config import Config
 
@@ -70,7 +74,9 @@ def make_client(
         max_pool_connections=max_connections,
     )
     session = session or boto3.Session()
-    return session.client("polly", endpoint_url=endpoint_url, region_name=region, config=config)
+    return session.client(
+        "polly", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify
+    )
 
 
 def map_error(exc: BaseException) -> VoiceError:
@@ -125,6 +131,31 @@ class PollyEngine:
         finally:
             self._open -= 1
             stream._release()
+
+    async def warm(self) -> None:
+        """Resolve credentials and open ``1 + prefetch`` pooled connections (TLS included) now, so a
+        call's first sentence does not pay for them: one ``DescribeVoices`` per connection, at once.
+        A refusal of DescribeVoices itself (AccessDenied: IAM allows only SynthesizeSpeech) still
+        leaves the connection open and the credentials resolved, so it counts as warmed."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(1 + self.prefetch):
+                nursery.start_soon(self._describe)
+
+    async def _describe(self) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                lambda: self.client.describe_voices(LanguageCode="en-US"),
+                abandon_on_cancel=True,
+                limiter=self.limiter,
+            )
+        except bexc.ClientError as exc:
+            error = map_error(exc)
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if error.kind == "auth" and code != "AccessDeniedException":
+                raise error from None
+            log.debug("aws warm-up: DescribeVoices answered %s; the connection is warm", code)
+        except Exception as exc:
+            raise map_error(exc) from None
 
     def _count(self, delta: int) -> None:
         with self._count_lock:
