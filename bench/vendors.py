@@ -27,19 +27,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import boto3
 import grpc
 import trio
 
-from bench.netem import Certificates, DelayProxy, make_certificates
+from bench.netem import Certificates, make_certificates
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFlush, SayInit
 from tts_streamer.actors.session import SessionConfig
@@ -51,15 +55,13 @@ from tts_streamer.adapters.google_tts import CHANNEL_OPTIONS, GoogleTTSEngine
 from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.fakes.asterisk import AsteriskSimulator, SimCall, serve_asterisk_simulator
-from tts_streamer.fakes.elevenlabs import ElevenLabsFake
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.polly import PollyFake
-from tts_streamer.fakes.vendor_faults import Fault
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 
 TEXT = "Hello there, this is a sentence of ordinary length. And here is another one to follow it."
 FALLBACK_TEXT = "This is the fallback test, spoken by whichever vendor is up. It goes on for a while."
 POLL = 0.0005
+FAR_POLL = 0.001  # asking the far side costs a pipe round trip
+ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # bound on every wait for audio, a flush or a release
 
 
@@ -100,14 +102,54 @@ class Figures:
     connections: int = 0  # handshakes during the warm-engine part
 
 
+class FarSide:
+    """The fakes and proxies in their own process (``bench.vendor_fakes``), asked over its stdin/stdout."""
+
+    def __init__(self, process: trio.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self._process = process
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+        self._buffer = b""
+        self._lock = trio.Lock()
+        self.ports: dict[str, int] = {}
+
+    async def read(self) -> dict[str, Any]:
+        with trio.fail_after(WAIT):
+            while b"\n" not in self._buffer:
+                data = await self._stdout.receive_some(65536)
+                if not data:
+                    raise RuntimeError("bench.vendor_fakes ended")
+                self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        value: dict[str, Any] = json.loads(line)
+        return value
+
+    async def ask(self, command: str) -> dict[str, Any]:
+        async with self._lock:
+            await self._stdin.send_all(command.encode() + b"\n")
+            return await self.read()
+
+    async def released(self, vendor: str) -> bool:
+        return bool((await self.ask("state"))["open"][vendor] == 0)
+
+    async def connections(self, vendor: str) -> int:
+        return int((await self.ask("state"))["connections"][vendor])
+
+
 @attrs.define
 class Rig:
-    """One vendor: its fake behind a proxy, and a factory for fresh engines pointed at the proxy."""
+    """One vendor: its fake behind a proxy (far side), and a factory for fresh engines pointed at it."""
 
     name: str
-    proxy: DelayProxy
+    far: FarSide
     make: Callable[[], VoiceEngine]
-    released: Callable[[], bool]
+
+    async def released(self) -> bool:
+        return await self.far.released(self.name)
+
+    async def connections(self) -> int:
+        return await self.far.connections(self.name)
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -123,10 +165,17 @@ def _p(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.1f} / {_ms(values, 0.9):.1f} / {_ms(values, 0.99):.1f}"
 
 
-async def _until(predicate: Callable[[], bool], what: str) -> float:
+async def _until(predicate: Callable[[], bool]) -> float:
     with trio.fail_after(WAIT):
-        while not predicate():  # noqa: ASYNC110 - the simulator and the fakes expose state, not events
+        while not predicate():  # noqa: ASYNC110 - the simulator exposes state, not events
             await trio.sleep(POLL)
+    return trio.current_time()
+
+
+async def _until_released(rig: Rig) -> float:
+    with trio.fail_after(WAIT):
+        while not await rig.released():  # noqa: ASYNC110 - another process's state, polled
+            await trio.sleep(FAR_POLL)
     return trio.current_time()
 
 
@@ -142,7 +191,7 @@ async def _speak_first_audio(sup: Supervisor, sim: AsteriskSimulator, cid: str, 
     start = len(call.messages)
     sent = trio.current_time()
     await sup.call(cid, SayAdd(text))
-    await _until(lambda: _first_audio_after(call, sent, start) is not None, "first audio")
+    await _until(lambda: _first_audio_after(call, sent, start) is not None)
     at = _first_audio_after(call, sent, start)
     assert at is not None
     return at - sent
@@ -161,11 +210,11 @@ async def _flush(sup: Supervisor, sim: AsteriskSimulator, cid: str, rig: Rig, fi
                 return control.time
         return None
 
-    await _until(lambda: flush_media() is not None, "FLUSH_MEDIA")
+    await _until(lambda: flush_media() is not None)
     at = flush_media()
     assert at is not None
     figures.flush_media.append(at - sent)
-    figures.released.append(await _until(rig.released, "vendor released") - sent)
+    figures.released.append(await _until_released(rig) - sent)
     figures.stale_after_flush += sum(1 for m in call.messages if m.time > at and m.length > 0)
 
 
@@ -188,11 +237,11 @@ async def measure(rig: Rig, sup: Supervisor, sim: AsteriskSimulator, uri: str, s
         sup.engines[name] = engine
         cid = f"{name}-call"
         await _session(sup, uri, cid, name)
-        before = rig.proxy.connections
+        before = await rig.connections()
         first = await _speak_first_audio(sup, sim, cid, TEXT)
         (figures.cold_warmed if warmed else figures.cold).append(first)
         (figures.warmed_connections if warmed else figures.cold_connections).append(
-            rig.proxy.connections - before
+            await rig.connections() - before
         )
         await _flush(sup, sim, cid, rig, Figures())
         await sup.stop(cid)
@@ -202,7 +251,7 @@ async def measure(rig: Rig, sup: Supervisor, sim: AsteriskSimulator, uri: str, s
     engine = rig.make()
     await warm_engine(engine, within=5.0)
     sup.engines[rig.name] = engine
-    before = rig.proxy.connections
+    before = await rig.connections()
     for c in range(s.calls):
         cid = f"{rig.name}-{c}"
         await _session(sup, uri, cid, rig.name)
@@ -213,7 +262,7 @@ async def measure(rig: Rig, sup: Supervisor, sim: AsteriskSimulator, uri: str, s
             await trio.sleep(s.speak_before_flush)
             await _flush(sup, sim, cid, rig, figures)
         await sup.stop(cid)
-    figures.connections = rig.proxy.connections - before
+    figures.connections = await rig.connections() - before
     return figures
 
 
@@ -225,7 +274,7 @@ class FallbackFigures:
 
 async def measure_fallback(
     rigs: dict[str, Rig],
-    eleven: ElevenLabsFake,
+    far: FarSide,
     sup: Supervisor,
     sim: AsteriskSimulator,
     uri: str,
@@ -240,16 +289,16 @@ async def measure_fallback(
     for run in range(s.fallback_runs):
         cid = f"fallback-error-{run}"
         await _session(sup, uri, cid, "fallback")
-        eleven.faults.add(Fault("error", after_bytes=0))
+        await far.ask("fault elevenlabs error 0")
         out.first_audio_primary_down.append(await _speak_first_audio(sup, sim, cid, FALLBACK_TEXT))
         await trio.sleep(s.speak_before_flush)
         await sup.call(cid, SayFlush())
         await sup.stop(cid)
-        eleven.faults.clear()
+        await far.ask("clear")
     for run in range(s.fallback_runs):
         cid = f"fallback-stall-{run}"
         await _session(sup, uri, cid, "fallback")
-        eleven.faults.add(Fault("stall", after_bytes=1600))
+        await far.ask("fault elevenlabs stall 1600")
         call = sim.calls[cid]
         start = trio.current_time()
         await _speak_first_audio(sup, sim, cid, FALLBACK_TEXT)
@@ -258,7 +307,7 @@ async def measure_fallback(
         out.silence_on_stall_ms.append(max(gaps, default=0.0))
         await sup.call(cid, SayFlush())
         await sup.stop(cid)
-        eleven.faults.clear()
+        await far.ask("clear")
     del sup.engines["fallback"]
     for engine in chain:
         await _close(engine)
@@ -271,56 +320,42 @@ async def _close(engine: VoiceEngine) -> None:
         await aclose()
 
 
-def _rigs(
-    certs: Certificates, s: Settings, google: GoogleTTSFake, polly: PollyFake, eleven: ElevenLabsFake
-) -> dict[str, Rig]:
-    tls = certs.server_context()
-    polly_port = int(polly.endpoint_url.rsplit(":", 1)[1])
-    proxies = {
-        "gcp": DelayProxy(("127.0.0.1", google.port), s.delay, tls),
-        "aws": DelayProxy(("127.0.0.1", polly_port), s.delay, tls),
-        "elevenlabs": DelayProxy(lambda: ("127.0.0.1", eleven.port), s.delay, tls),
-    }
+def _rigs(certs: Certificates, far: FarSide) -> dict[str, Rig]:
     ca = certs.ca_pem
     session = boto3.Session(aws_access_key_id="A", aws_secret_access_key="x", region_name="us-east-1")
 
     def gcp() -> VoiceEngine:
         credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-        target = f"localhost:{proxies['gcp'].port}"
+        target = f"localhost:{far.ports['gcp']}"
         return GoogleTTSEngine(channel=grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS))
 
     def aws() -> VoiceEngine:
-        url = f"https://localhost:{proxies['aws'].port}"
+        url = f"https://localhost:{far.ports['aws']}"
         return PollyEngine(make_client(session, endpoint_url=url, verify=str(certs.ca_file)))
 
     def elevenlabs() -> VoiceEngine:
-        url = f"wss://localhost:{proxies['elevenlabs'].port}"
+        url = f"wss://localhost:{far.ports['elevenlabs']}"
         return ElevenLabsEngine("test-key", base_url=url, ssl_context=certs.client_context())
 
-    def eleven_released() -> bool:
-        return all(
-            ctx.closed_at is not None or ctx.final_at is not None or conn.closed_at is not None
-            for conn in eleven.connections
-            for ctx in conn.contexts.values()
-        )
-
     return {
-        "gcp": Rig("gcp", proxies["gcp"], gcp, lambda: not google.open_rpcs),
-        "elevenlabs": Rig("elevenlabs", proxies["elevenlabs"], elevenlabs, eleven_released),
-        "aws": Rig("aws", proxies["aws"], aws, lambda: not polly.open_requests),
+        "gcp": Rig("gcp", far, gcp),
+        "elevenlabs": Rig("elevenlabs", far, elevenlabs),
+        "aws": Rig("aws", far, aws),
     }
 
 
 async def run(s: Settings, certs: Certificates) -> tuple[dict[str, Figures], FallbackFigures]:
-    fd = s.fake_delay
-    with GoogleTTSFake(first_audio_delay=fd) as google, PollyFake(first_audio_delay=fd) as polly:
-        eleven = ElevenLabsFake(first_audio_delay=fd)
-        sim = AsteriskSimulator(accept_any=True)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(eleven.serve)
-            rigs = _rigs(certs, s, google, polly, eleven)
-            for rig in rigs.values():
-                await nursery.start(rig.proxy.serve)
+    command = [sys.executable, "-m", "bench.vendor_fakes", str(certs.ca_file.parent), str(s.delay)]
+    command.append(str(s.fake_delay))
+    sim = AsteriskSimulator(accept_any=True)
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT
+        )
+        try:
+            far = FarSide(process)
+            far.ports = {k: int(v) for k, v in (await far.read())["ports"].items()}
+            rigs = _rigs(certs, far)
             port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
             uri = f"ws://127.0.0.1:{port}/media/"
             placeholder = rigs["gcp"].make()
@@ -336,9 +371,17 @@ async def run(s: Settings, certs: Certificates) -> tuple[dict[str, Figures], Fal
                     print(f"vendors: {name} ...", flush=True)
                     results[name] = await measure(rig, sup, sim, uri, s)
                 print("vendors: fallback chain ...", flush=True)
-                fallback = await measure_fallback(rigs, eleven, sup, sim, uri, s)
+                fallback = await measure_fallback(rigs, far, sup, sim, uri, s)
             await _close(placeholder)
-            nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(5) as cleanup:
+                cleanup.shield = True
+                assert process.stdin is not None
+                await process.stdin.aclose()  # EOF: the far side ends
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+        nursery.cancel_scope.cancel()
     return results, fallback
 
 

@@ -149,25 +149,55 @@ def _google(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
     return GoogleTTSEngine(channel=channel, credentials=credentials), ""
 
 
+GO_POLLY_REGION = "eu-central-1"  # the Go tts-manager's fixed Polly region
+
+
+def aws_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The AWS key pair and region from the SDK's names, else the Go tts-manager's ``AWS_ACCESS_KEY`` /
+    ``AWS_SECRET_KEY`` (the SDK name wins per variable when both are set). With only Go's names and no
+    region anywhere, Go's fixed region (eu-central-1), as the Go service used."""
+    out: dict[str, str] = {}
+    for key, sdk, go in (
+        ("key_id", "AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY"),
+        ("secret", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY"),
+    ):
+        value, source = env.get(sdk, "").strip(), sdk
+        if not value:
+            value, source = env.get(go, "").strip(), go
+        if value:
+            out[key], out[key + "_source"] = value, source
+    region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()
+    if region:
+        out["region"] = region
+    elif out.get("key_id_source") == "AWS_ACCESS_KEY" and not env.get("AWS_PROFILE", "").strip():
+        out["region"] = GO_POLLY_REGION
+    return out
+
+
 def _polly(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
-    key_id = env.get("AWS_ACCESS_KEY_ID", "").strip()
+    aws = aws_settings(env)
+    key_id = aws.get("key_id", "")
     profile = env.get("AWS_PROFILE", "").strip()
     use_chain = env.get("AWS_USE_DEFAULT_CREDENTIALS", "").strip().lower() in _TRUE
     if not (key_id or profile or use_chain):
         return (
             None,
-            "no AWS credentials configured (AWS_ACCESS_KEY_ID, AWS_PROFILE or AWS_USE_DEFAULT_CREDENTIALS=1)",
+            "no AWS credentials configured (AWS_ACCESS_KEY_ID or Go's AWS_ACCESS_KEY, AWS_PROFILE or "
+            "AWS_USE_DEFAULT_CREDENTIALS=1)",
         )
-    region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip() or None
+    if key_id and "secret" not in aws:
+        return None, f"{aws['key_id_source']} is set but AWS_SECRET_ACCESS_KEY / AWS_SECRET_KEY is not"
+    if aws.get("key_id_source") == "AWS_ACCESS_KEY":
+        log.info("voice aws: credentials from the Go names AWS_ACCESS_KEY / AWS_SECRET_KEY")
     import boto3
 
     from tts_streamer.adapters.polly import PollyEngine, make_client
 
     session = boto3.Session(
         aws_access_key_id=key_id or None,
-        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", "").strip() or None,
+        aws_secret_access_key=aws.get("secret") or None,
         aws_session_token=env.get("AWS_SESSION_TOKEN", "").strip() or None,
-        region_name=region,
+        region_name=aws.get("region"),
         profile_name=profile or None,
     )
     if session.region_name is None:

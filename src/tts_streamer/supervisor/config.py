@@ -55,6 +55,7 @@ class DaemonConfig:
     event_buffer: int = 10_000
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
+    voice_warmup_timeout: float = 5.0  # start-up warm-up of each cloud voice (channel, pool, credentials)
     lead_frames: int = _SHIPPED_PACING.lead_frames  # one source of truth: PacingConfig's defaults
     frames_per_message: int = _SHIPPED_PACING.frames_per_message
     media_start_timeout: float = 5.0
@@ -108,6 +109,7 @@ class DaemonConfig:
             event_buffer=get("EVENT_BUFFER", d.event_buffer, _positive_int),
             drain_timeout=get("DRAIN_TIMEOUT", d.drain_timeout, _positive_float),
             default_engine=get("DEFAULT_ENGINE", d.default_engine, str),
+            voice_warmup_timeout=get("VOICE_WARMUP_TIMEOUT", d.voice_warmup_timeout, _positive_float),
             lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
             frames_per_message=get("FRAMES_PER_MESSAGE", d.frames_per_message, _positive_int),
             media_start_timeout=get("MEDIA_START_TIMEOUT", d.media_start_timeout, _positive_float),

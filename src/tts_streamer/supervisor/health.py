@@ -39,6 +39,10 @@ class Readiness:
     draining: bool = False
     # Detail, not a readiness failure: requests for these fall back to another voice.
     vendors_unavailable: dict[str, str] = attrs.field(factory=dict)
+    # Start-up warm-up of the cloud voices (bounded by VOICE_WARMUP_TIMEOUT): not ready meanwhile, so
+    # a first call does not land on a cold pod; those that failed to warm are detail, not a failure.
+    vendors_warming: bool = False
+    vendors_not_warmed: dict[str, str] = attrs.field(factory=dict)
 
     def reasons(self, supervisor: Supervisor | None = None) -> list[str]:
         """Why the daemon is not ready (empty when it is); stable codes for probes and dashboards."""
@@ -47,6 +51,8 @@ class Readiness:
             reasons.append("command_plane_disconnected")
         if self.draining:
             reasons.append("draining")
+        if self.vendors_warming:
+            reasons.append("vendors_warming")
         if supervisor is not None and not supervisor.accepting:
             reasons.append("not_accepting_sessions")
         return reasons
@@ -313,7 +319,10 @@ def health_routes(
 
     async def ready(_request: HttpRequest) -> HttpResponse:
         reasons = readiness.reasons(supervisor)
-        detail = {"vendors_unavailable": readiness.vendors_unavailable}
+        detail = {
+            "vendors_unavailable": readiness.vendors_unavailable,
+            "vendors_not_warmed": readiness.vendors_not_warmed,
+        }
         if reasons:
             return HttpResponse.json(503, {"ready": False, "reasons": reasons, **detail})
         return HttpResponse.json(200, {"ready": True, "reasons": [], **detail})

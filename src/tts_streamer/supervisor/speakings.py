@@ -49,6 +49,7 @@ from tts_streamer.adapters.voipbin.wire import (
 )
 from tts_streamer.supervisor.command_plane import Handler, NotOwned
 from tts_streamer.supervisor.event_publisher import EventPublisher
+from tts_streamer.supervisor.providers import ProviderResolver
 from tts_streamer.supervisor.streamings import StreamingService
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class SpeakingService:
         engines: Collection[str] = (),
         max_text_bytes: int = SPEAKING_SAY_MAX_TEXT_BYTES,
         stop_on_vendor_error: bool = True,
+        providers: ProviderResolver | None = None,
     ) -> None:
         self.stats = SpeakingStats()
         self.live: dict[uuid.UUID, _Live] = {}
@@ -125,6 +127,7 @@ class SpeakingService:
         self._nursery = nursery
         self._pod_id = pod_id
         self._engines = frozenset(engines)
+        self._providers = providers or ProviderResolver.of(engines)
         self._max_text_bytes = max_text_bytes
         self._stop_on_vendor_error = stop_on_vendor_error
         self._pending = 0
@@ -224,7 +227,7 @@ class SpeakingService:
             streaming_id=sid,
             provider=speaking.provider,
             voice_id=speaking.voice_id,
-            engine=speaking.provider if speaking.provider in self._engines else None,
+            engine=self._providers.engine_for(speaking.provider, request=f"speaking={sid}"),
             wire_message_id=NIL_UUID,
         )
         row: Speaking | None = None
