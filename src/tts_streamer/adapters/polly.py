@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -105,6 +106,8 @@ class PollyEngine:
         max_chars: int = 1500,
         read_size: int = 1600,
         prefetch: int = 1,
+        drain_bytes: int = 128 * 1024,
+        drain_seconds: float = 1.0,
     ) -> None:
         self.client = client
         self.engine = engine
@@ -112,6 +115,11 @@ class PollyEngine:
         self.max_chars = min(max_chars, MAX_BILLED_CHARS)
         self.read_size = read_size
         self.prefetch = prefetch
+        # A body dropped mid-read takes its connection with it (the next request pays TCP + TLS again):
+        # after a flush the worker reads and discards up to this much more (off the Trio loop), so a
+        # body that ends within the budget returns its connection to the pool. 0: always drop.
+        self.drain_bytes = drain_bytes
+        self.drain_seconds = drain_seconds
         self.threads_running = 0  # worker threads inside a request right now (tests watch it drain)
         self._count_lock = threading.Lock()
         self._open = 0
@@ -267,11 +275,15 @@ class PollyStream:
                 data = body.read(engine.read_size)
                 if not data:
                     break
+                if segment.stop.is_set():
+                    break
                 data = carry + data
                 whole = len(data) // 2 * 2
                 carry = data[whole:]
                 if whole and not segment.stop.is_set():
                     deliver(ulaw_encode(np.frombuffer(data[:whole], dtype="<i2")))
+            if segment.stop.is_set() and not _drain(body, engine.drain_bytes, engine.drain_seconds):
+                log.debug("aws: flushed body longer than the drain budget; its connection is dropped")
         except VoiceError as exc:
             deliver(exc)
         except Exception as exc:
@@ -294,6 +306,19 @@ class PollyStream:
         self._segments_send.close()
         self._segments.close()
         self.pipe.close()
+
+
+def _drain(body: Any, limit: int, seconds: float) -> bool:
+    """Read and discard the rest of ``body`` within ``limit`` bytes and ``seconds``; True at its end."""
+    if limit <= 0:
+        return False
+    deadline, total = time.monotonic() + seconds, 0
+    while total <= limit and time.monotonic() < deadline:
+        data = body.read(min(65536, limit + 1 - total))
+        if not data:
+            return True
+        total += len(data)
+    return False
 
 
 def _deliverer(
