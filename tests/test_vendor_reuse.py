@@ -4,7 +4,7 @@ before the first call, so a call's first utterance does not pay for it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import boto3
 import grpc
@@ -18,6 +18,7 @@ from tts_streamer.actors.commands import SayFlush
 from tts_streamer.adapters.engines import warm_engine, warm_engines
 from tts_streamer.adapters.google_tts import CHANNEL_OPTIONS, GoogleTTSEngine
 from tts_streamer.adapters.polly import PollyEngine, make_client
+from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.fakes.google_tts import GoogleTTSFake
 from tts_streamer.fakes.polly import PollyFake
 
@@ -39,19 +40,27 @@ def polly_engine(fake: PollyFake, **kwargs: object) -> PollyEngine:
 
 
 async def speak_and_flush(
-    engine: object, nursery: trio.Nursery, calls: int, utterances: int, idle: object
+    engine: VoiceEngine,
+    nursery: trio.Nursery,
+    calls: int,
+    utterances: int,
+    idle: Callable[[], Awaitable[object]],
 ) -> None:
     """``calls`` calls of ``utterances`` utterances each, every one flushed once it plays; ``idle()``
     waits until the vendor side is quiet before the next utterance."""
     for c in range(calls):
         call_id = f"c{c}"
-        async with vendor_call(engine, nursery, call_id) as (sup, sink, _call):  # type: ignore[arg-type]
+        async with vendor_call(engine, nursery, call_id) as (sup, sink, _call):
             for u in range(utterances):
                 await say(sup, TEXT, finish=False, call_id=call_id)
+
+                def started(_event: ev.SessionEvent, n: int = u) -> bool:
+                    return len(sink.of(ev.PlayStarted)) > n
+
                 with trio.fail_after(5):
-                    await sink.wait_for(ev.PlayStarted, where=lambda _, n=u: len(sink.of(ev.PlayStarted)) > n)
+                    await sink.wait_for(ev.PlayStarted, where=started)
                 await sup.call(call_id, SayFlush())
-                await idle()  # type: ignore[operator]
+                await idle()
 
 
 async def test_polly_warm_opens_the_pool_and_flushed_bodies_keep_their_connections(polly, nursery) -> None:
