@@ -145,11 +145,20 @@ class PollyEngine:
         call's first sentence does not pay for them: one ``DescribeVoices`` per connection, at once.
         A refusal of DescribeVoices itself (AccessDenied: IAM allows only SynthesizeSpeech) still
         leaves the connection open and the credentials resolved, so it counts as warmed."""
+        errors: list[VoiceError] = []
         async with trio.open_nursery() as nursery:
             for _ in range(1 + self.prefetch):
-                nursery.start_soon(self._describe)
+                nursery.start_soon(self._describe, errors)
+        if errors:
+            raise errors[0]  # one readable reason for readiness, not a group
 
-    async def _describe(self) -> None:
+    async def _describe(self, errors: list[VoiceError]) -> None:
+        try:
+            await self._describe_once()
+        except VoiceError as exc:
+            errors.append(exc)
+
+    async def _describe_once(self) -> None:
         try:
             await trio.to_thread.run_sync(
                 lambda: self.client.describe_voices(LanguageCode="en-US"),
