@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import math
 import ssl
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,7 +137,10 @@ class DelayedStream(trio.abc.Stream):
                     data = await self._inner.receive_some(CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
-                self._in_send.send_nowait((max(trio.current_time(), self._not_before), bytes(data)))
+                try:
+                    self._in_send.send_nowait((max(trio.current_time(), self._not_before), bytes(data)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the reading side was closed: the connection is over
                 if not data:
                     return
 
@@ -206,23 +210,28 @@ class DelayProxy:
         self.connections += 1
         self.open += 1
         try:
-            async with trio.open_nursery() as nursery:
-                linked = DelayedStream(client, self.delay, nursery, hold_first=2 * self.delay)
-                stream: trio.abc.Stream = linked
-                if self.tls is not None:
-                    stream = trio.SSLStream(linked, self.tls, server_side=True)
-                target = self.upstream() if callable(self.upstream) else self.upstream
-                try:
-                    with trio.fail_after(5):
-                        upstream = await trio.open_tcp_stream(*target)
-                except (OSError, trio.TooSlowError):
-                    await linked.aclose()
-                    return
-                async with upstream:
-                    nursery.start_soon(_relay, stream, upstream, nursery.cancel_scope)
-                    await _relay(upstream, stream, nursery.cancel_scope)
+            await self._relay_connection(client)
+        except Exception as exc:  # one connection's failure must not end the proxy (or the bench)
+            print(f"netem: connection ended with {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             self.open -= 1
+
+    async def _relay_connection(self, client: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            linked = DelayedStream(client, self.delay, nursery, hold_first=2 * self.delay)
+            stream: trio.abc.Stream = linked
+            if self.tls is not None:
+                stream = trio.SSLStream(linked, self.tls, server_side=True)
+            target = self.upstream() if callable(self.upstream) else self.upstream
+            try:
+                with trio.fail_after(5):
+                    upstream = await trio.open_tcp_stream(*target)
+            except (OSError, trio.TooSlowError):
+                await linked.aclose()
+                return
+            async with upstream:
+                nursery.start_soon(_relay, stream, upstream, nursery.cancel_scope)
+                await _relay(upstream, stream, nursery.cancel_scope)
 
 
 async def _relay(source: trio.abc.Stream, sink: trio.abc.Stream, scope: trio.CancelScope) -> None:
