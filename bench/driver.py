@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from bench.procs import SERVE_GC
 from bench.recording import cpu_seconds, machine_jiffies, raise_fd_limit, rss_bytes
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayFlush, SayInit
@@ -36,6 +37,7 @@ from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import websocket_dialer
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte, tone
 from tts_streamer.adapters.voice import VoiceSpec, VoiceStream
+from tts_streamer.supervisor.gc_tuning import tune_gc
 from tts_streamer.supervisor.sessions import open_supervisor
 
 CHARS_PER_TEXT = 40  # one say_add per text; the synthetic vendor renders one text at a time
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = json.loads(Path(argv[0]).read_text())
     raise_fd_limit()
+    if cfg.get("gc", SERVE_GC) == SERVE_GC:
+        tune_gc()  # what `tts-streamer serve` does after configuration, before serving
 
     async def bounded() -> dict[str, Any]:
         with trio.fail_after(float(cfg["max_seconds"])):

@@ -21,7 +21,10 @@ from typing import IO, Any
 
 import attrs
 
+from tts_streamer.actors.media_socket import PacingConfig
+
 ROOT = Path(__file__).resolve().parent.parent
+SERVE_GC = "serve"  # Scenario.gc: tune_gc() at start-up, exactly as serve applies it
 
 
 class ScenarioError(RuntimeError):
@@ -35,8 +38,9 @@ class Scenario:
     duration: float
     mode: str = "absolute"
     receiver: str = "light"  # light | sim | both (sessions dealt alternately to the two)
-    lead_frames: int = 3
-    frames_per_message: int = 1
+    # Defaults are what `serve` ships: PacingConfig's defaults and tune_gc() at start-up.
+    lead_frames: int = PacingConfig().lead_frames
+    frames_per_message: int = PacingConfig().frames_per_message
     speed: float = 4.0
     flush: bool = False
     flush_after: float = 3.0
@@ -45,7 +49,10 @@ class Scenario:
     idle_seconds: float = 1.0
     speak_ramp: float | None = None  # None: max(1 s, N / 200 per second)
     connect_concurrency: int = 16
-    gc: str = "default"  # default | freeze (gc.freeze() once the sessions are connected: an experiment)
+    # serve: tune_gc() at driver start-up, as `tts-streamer serve` does (shipped); stock: the stock
+    # collector ("default" in results written before 2026-12-03); freeze | tuned | off: experiments
+    # applied once the sessions are connected.
+    gc: str = SERVE_GC
 
     @property
     def ramp(self) -> float:
@@ -69,8 +76,8 @@ class Scenario:
             text += " sleep-after-write"
         if self.receiver == "sim" and self.kind != "crosscheck":
             text += " simulator"
-        if self.gc != "default":
-            text += f" gc.{self.gc}()"
+        if self.gc != SERVE_GC:
+            text += f" gc {self.gc}"
         return text
 
     @property
@@ -124,7 +131,7 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
     drv_out = workdir / f"{tag}-driver.json"
     budget = 30.0 + sc.sessions * 0.03 + sc.idle_seconds + sc.ramp + sc.speech_seconds * 1.25 + 30.0
     messages = int(sc.sessions * (sc.speech_seconds + 5) * 50 / sc.frames_per_message * 1.1) + 1024
-    cfg = {
+    cfg: dict[str, Any] = {
         "ports": [],
         "sessions": sc.sessions,
         "duration": sc.duration if not sc.flush else sc.flush_after + sc.flush_spread + 5.0,

@@ -83,7 +83,7 @@ class MonotonicFromRealtime:
 
     def convert(self, cmsg_data: bytes) -> float:
         sec, nsec = _TIMESPEC.unpack_from(cmsg_data)
-        return (sec - self._base) + nsec * 1e-9 + self._shift
+        return float((sec - self._base) + nsec * 1e-9 + self._shift)
 
 
 def kernel_stamp(ancdata: list[tuple[int, int, bytes]], clock: MonotonicFromRealtime) -> float:

@@ -5,7 +5,7 @@ websocket dialer, fed by the synthetic vendor) and a receiver (bench/receiver.py
 chan_websocket endpoint; or bench/sim_receiver.py, the Asterisk simulator, for the cross-check) as two
 processes on 127.0.0.1, timestamps on CLOCK_MONOTONIC. Scenarios:
 
-- pacing at each --sessions N for --duration seconds (default pacing: lead 3, 1 frame per message);
+- pacing at each --sessions N for --duration seconds, as `serve` ships (PacingConfig's defaults, tune_gc());
 - baseline: the same with PacingConfig(mode="sleep_after_write") at --baseline-sessions;
 - crosscheck: the same as pacing with the Asterisk simulator as receiver at --crosscheck-sessions;
 - flush at each --flush-sessions N: speak, flush at a staggered time, speak a new utterance;
@@ -34,7 +34,7 @@ import attrs
 
 from bench import analyze as an
 from bench import procs, report
-from bench.procs import ROOT, Scenario, ScenarioError, run_scenario, wait_quiet
+from bench.procs import ROOT, SERVE_GC, Scenario, ScenarioError, run_scenario, wait_quiet
 from tts_streamer.actors.media_socket import PacingConfig
 
 Row = tuple[Scenario, dict[str, Any]]
@@ -45,17 +45,19 @@ def _ints(text: str) -> list[int]:
 
 
 def _configs(text: str) -> list[tuple[int, int, str]]:
-    """ "3/5,3/5/tuned" -> [(3, 5, "default"), (3, 5, "tuned")]."""
+    """ "3/5,3/1/stock" -> [(3, 5, "serve"), (3, 1, "stock")]."""
     out = []
     for item in text.split(","):
         if not item.strip():
             continue
         parts = item.strip().split("/")
-        out.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "default"))
+        out.append((int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else SERVE_GC))
     return out
 
 
-SHIPPED = (PacingConfig().lead_frames, PacingConfig().frames_per_message, "default")
+# What `tts-streamer serve` ships: PacingConfig's defaults (DaemonConfig takes its defaults from them)
+# and tune_gc() applied at start-up (the driver does it when gc == "serve").
+SHIPPED = (PacingConfig().lead_frames, PacingConfig().frames_per_message, SERVE_GC)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flush-sessions", help="flush scenario N list (default 1,100,500,1000)")
     p.add_argument(
         "--candidates",
-        help="other pacing configs as L/F[/gc], gc one of default|freeze|tuned|off (default 3/5,3/5/tuned)",
+        help="other pacing configs as L/F[/gc], gc one of serve|stock|freeze|tuned|off "
+        "(default 3/1/stock,3/5/stock: the old defaults, and the shipped F without tune_gc)",
     )
     p.add_argument(
         "--candidate-sessions", help="N list for the candidates' pacing and flush runs (default 500,1000)"
@@ -108,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults: dict[str, Any] = {
         "sessions": "1,10" if quick else "1,100,500,1000",
         "duration": 2.0 if quick else 60.0,
-        "candidates": "" if quick else "3/5,3/5/tuned",
+        "candidates": "" if quick else "3/1/stock,3/5/stock",
         "candidate_sessions": "" if quick else "500,1000",
         "inf_sessions": "" if quick else "100",
         "sweep_leads": "0" if quick else "0,1,3,5",
@@ -142,8 +145,8 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
     flush_extra: dict[str, Any] = (
         {"flush_after": 0.5, "flush_spread": 0.5, "new_seconds": 0.5} if args.quick else {}
     )
-    lead, fpm, _ = SHIPPED
-    shipped = {"lead_frames": lead, "frames_per_message": fpm}
+    lead, fpm, gc_mode = SHIPPED
+    shipped: dict[str, Any] = {"lead_frames": lead, "frames_per_message": fpm, "gc": gc_mode}
     out: list[Scenario] = []
     for n in _ints(args.sessions):
         out.append(Scenario("pacing", n, args.duration, **shipped, **common))
@@ -207,7 +210,7 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
 def config_name(key: tuple[int, int, str]) -> str:
     lead, fpm, gc = key
     text = f"lead_frames={lead}, frames_per_message={fpm}"
-    if gc != "default":
+    if gc != SERVE_GC:
         text += f", gc {gc}"
     return text + (" (shipped defaults)" if key == SHIPPED else "")
 
@@ -450,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.main_table([(sc, r) for sc, r in rows if sc.kind != "sweep"]))
     print()
-    for key, results in targets.items():
+    for key, verdicts in targets.items():
         print(f"targets for {config_name(key)}:")
-        for name, status, detail in results:
+        for name, status, detail in verdicts:
             print(f"{status:>14}  {name}: {detail}")
     for problem in problems:
         print(f"{'CHECK':>14}  {problem}")
@@ -490,8 +493,9 @@ def render(
         "commands and vendor bytes with",
         f"- driver and receivers ran at niceness {args.nice}"
         + (" (the machine is shared with other work)" if args.nice else ""),
-        "- config column: L = lead_frames, F = frames_per_message, vendor speed; `gc.tuned()` is an "
-        "experiment, not the daemon's behaviour (see Notes)",
+        "- config column: L = lead_frames, F = frames_per_message, vendor speed; every row applies "
+        "`tune_gc()` at start-up as `serve` does, unless it says `gc stock` (the stock collector) or "
+        "names another experiment (see Notes)",
         "",
         "## Results",
         "",

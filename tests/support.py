@@ -57,13 +57,17 @@ def tasks_of(call_id: str) -> list[str]:
     return [name for name in task_names() if f"[{call_id}]" in name]
 
 
+# Most session tests reason frame by frame: they pin one frame per message (not what serve ships, 5).
+FRAME_PER_MESSAGE = PacingConfig(frames_per_message=1)
+
+
 @asynccontextmanager
 async def open_sim_supervisor(
     sim: AsteriskSimulator,
     engine: VoiceEngine,
     nursery: trio.Nursery,
     *,
-    pacing: PacingConfig = PacingConfig(),
+    pacing: PacingConfig = FRAME_PER_MESSAGE,
     sink: RecordingSink | None = None,
     config: SessionConfig | None = None,
     dialer: Dialer | None = None,

@@ -48,7 +48,12 @@ async def test_health_endpoints(nursery, autojump_clock):
         status, headers, body = await daemon.http_get("/health/live")
         assert (status, body) == (200, b"ok\n")
         status, headers, body = await daemon.http_get("/health/ready")
-        assert status == 200 and json.loads(body) == {"ready": True, "reasons": [], "vendors_unavailable": {}}
+        assert status == 200 and json.loads(body) == {
+            "ready": True,
+            "reasons": [],
+            "vendors_unavailable": {},
+            "vendors_not_warmed": {},
+        }
         assert headers["content-type"] == "application/json"
         daemon.readiness.command_plane_connected = False
         status, _, body = await daemon.http_get("/health/ready")
@@ -56,6 +61,7 @@ async def test_health_endpoints(nursery, autojump_clock):
             "ready": False,
             "reasons": ["command_plane_disconnected"],
             "vendors_unavailable": {},
+            "vendors_not_warmed": {},
         }
         daemon.readiness.command_plane_connected = True
         await daemon.supervisor.stop_all("shutdown", grace=1.0)  # what SIGTERM does: stop accepting
@@ -232,6 +238,7 @@ def test_every_family_of_issue_3_is_exposed():
         "tts_streamer_events_pending",
         "tts_streamer_requests_not_started",
         "tts_streamer_events_refused",
+        "tts_streamer_provider_unavailable",
         # prometheus_client's ProcessCollector (Linux): the standard process families
         "process_cpu_seconds",
         "process_max_fds",

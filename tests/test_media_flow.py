@@ -64,7 +64,7 @@ async def test_xoff_pauses_sending_until_xon(nursery, autojump_clock):
         default_engine="synthetic",
         dialer=dial,
         events=sink,
-        config=SessionConfig(pacing=PacingConfig(lead_frames=0)),
+        config=SessionConfig(pacing=PacingConfig(lead_frames=0, frames_per_message=1)),
     ) as supervisor:
         await supervisor.start_session("c1", "ws://asterisk/media/x")
         await supervisor.call("c1", SayInit())
@@ -86,7 +86,9 @@ async def test_the_timeline_restarts_with_a_fresh_lead_after_idle(nursery, autoj
     sim = AsteriskSimulator(seed=3)
     call = sim.expect("c1")
     engine = SyntheticEngine(seconds_per_char=0.1)
-    async with open_sim_supervisor(sim, engine, nursery, pacing=PacingConfig(lead_frames=3)) as (sup, sink):
+    async with open_sim_supervisor(
+        sim, engine, nursery, pacing=PacingConfig(lead_frames=3, frames_per_message=1)
+    ) as (sup, sink):
         await sup.start_session("c1", media_uri("c1"))
         for text in ("first", "second"):
             await sup.call("c1", SayInit())

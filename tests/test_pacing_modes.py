@@ -82,14 +82,14 @@ async def pace(config: PacingConfig, frames: int = FRAMES) -> list[tuple[float, 
 
 
 async def test_absolute_timeline_absorbs_write_time(autojump_clock):
-    writes = await pace(PacingConfig(lead_frames=0))
+    writes = await pace(PacingConfig(lead_frames=0, frames_per_message=1))
     assert len(writes) == FRAMES
     # Frame n starts at exactly n * 20 ms: the 1 ms spent writing each frame never accumulates.
     assert all(t == pytest.approx(n * 0.020, abs=1e-9) for n, (t, _) in enumerate(writes))
 
 
 async def test_sleep_after_write_baseline_drifts_by_the_write_time(autojump_clock):
-    writes = await pace(PacingConfig(lead_frames=0, mode="sleep_after_write"))
+    writes = await pace(PacingConfig(lead_frames=0, frames_per_message=1, mode="sleep_after_write"))
     assert len(writes) == FRAMES
     # Each frame comes 21 ms after the previous one: after 250 frames the drift is 249 ms.
     assert all(t == pytest.approx(n * 0.021, abs=1e-9) for n, (t, _) in enumerate(writes))

@@ -38,7 +38,9 @@ async def speak(supervisor, call_id: str, *texts: str, finish: bool = True) -> N
 async def test_three_seconds_is_150_frames_at_exact_20ms_steps(nursery, autojump_clock):
     sim = AsteriskSimulator(seed=1)
     call = sim.expect("c1")
-    async with open_sim_supervisor(sim, engine(), nursery, pacing=PacingConfig(lead_frames=0)) as (sup, sink):
+    async with open_sim_supervisor(
+        sim, engine(), nursery, pacing=PacingConfig(lead_frames=0, frames_per_message=1)
+    ) as (sup, sink):
         await sup.start_session("c1", media_uri("c1"))
         await speak(sup, "c1", THREE_SECONDS)
         finished = await sink.wait_for(ev.PlayFinished, "c1")
@@ -56,7 +58,9 @@ async def test_three_seconds_is_150_frames_at_exact_20ms_steps(nursery, autojump
 async def test_lead_frames_go_at_once_then_real_time(nursery, autojump_clock):
     sim = AsteriskSimulator(seed=2)
     call = sim.expect("c1")
-    async with open_sim_supervisor(sim, engine(), nursery, pacing=PacingConfig(lead_frames=3)) as (sup, sink):
+    async with open_sim_supervisor(
+        sim, engine(), nursery, pacing=PacingConfig(lead_frames=3, frames_per_message=1)
+    ) as (sup, sink):
         await sup.start_session("c1", media_uri("c1"))
         await speak(sup, "c1", THREE_SECONDS)
         await sink.wait_for(ev.PlayFinished, "c1")

@@ -103,6 +103,7 @@ async def test_long_sentences_are_split_under_the_limit(fake):
 async def test_flush_drops_the_body_and_the_next_utterance_speaks(fake, engine, nursery, monkeypatch):
     short_thread_idle(monkeypatch)
     baseline = client_threads()
+    engine.drain_bytes = 0  # the drop path (test_vendor_reuse covers draining to keep the connection)
     fake.chunk_interval = 0.05  # bodies last a while, so the flush lands mid-body
     async with vendor_call(engine, nursery) as (sup, sink, call):
         await say(sup, LONG, finish=False)

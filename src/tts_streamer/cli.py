@@ -9,10 +9,12 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 if TYPE_CHECKING:
     from tts_streamer.adapters.voice import VoiceEngine
+    from tts_streamer.demo import DemoOptions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,13 +37,25 @@ def _parser() -> argparse.ArgumentParser:
         help="espeak (default), piper (needs the piper extra) or synthetic",
     )
     demo.add_argument("--hold", action="store_true", help="keep the call up until SIGINT/SIGTERM")
-    demo.add_argument("--lead-frames", type=int, default=3)
-    demo.add_argument("--frames-per-message", type=int, default=1)
+    demo.add_argument("--lead-frames", type=int, default=None, help="default: what serve ships")
+    demo.add_argument("--frames-per-message", type=int, default=None, help="default: what serve ships")
 
     sim = sub.add_parser("simulate", help="run the chan_websocket simulator on loopback (accepts any id)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8088)
     return parser
+
+
+def demo_options(args: argparse.Namespace) -> DemoOptions:
+    """The demo's options: serve's shipped pacing (DemoOptions' defaults) unless a flag overrides it."""
+    from tts_streamer.demo import DemoOptions
+
+    options = DemoOptions(wav_path=args.wav, engine=args.engine, hold=args.hold)
+    if args.lead_frames is not None:
+        options = attrs.evolve(options, lead_frames=args.lead_frames)
+    if args.frames_per_message is not None:
+        options = attrs.evolve(options, frames_per_message=args.frames_per_message)
+    return options
 
 
 def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
@@ -110,17 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_console_client(list(args.console_args))
     if args.command == "demo":
-        from tts_streamer.demo import DemoError, DemoOptions, run_demo
+        from tts_streamer.demo import DemoError, run_demo
 
-        options = DemoOptions(
-            wav_path=args.wav,
-            engine=args.engine,
-            hold=args.hold,
-            lead_frames=args.lead_frames,
-            frames_per_message=args.frames_per_message,
-        )
         try:
-            return trio.run(run_demo, options)
+            return trio.run(run_demo, demo_options(args))
         except DemoError as exc:
             print(f"tts-streamer demo: {exc}", file=sys.stderr)
             return 2

@@ -35,8 +35,8 @@ class DemoOptions:
     wav_path: str = "demo.wav"
     engine: str = "espeak"
     hold: bool = False
-    lead_frames: int = 3
-    frames_per_message: int = 1
+    lead_frames: int = PacingConfig().lead_frames  # what serve ships (PacingConfig's defaults)
+    frames_per_message: int = PacingConfig().frames_per_message
     flush_after: float = 1.5
 
 

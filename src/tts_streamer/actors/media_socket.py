@@ -43,8 +43,11 @@ class PlayoutListener(Protocol):
 
 @attrs.frozen
 class PacingConfig:
+    # These defaults ARE what ships: DaemonConfig (serve), the demo and `make bench`'s "shipped" rows all
+    # take them from here. 5 frames per message: at 1, one core cannot keep up past ~180 sessions
+    # (bench/NOTES.md); Asterisk re-cuts each message into 20 ms frames on its own clock.
     lead_frames: int = 3
-    frames_per_message: int = 1
+    frames_per_message: int = 5
     # Audio before the leg is bridged is lost; the first caller frame says it is bridged.
     bridge_timeout: float = 0.5
     # "auto": use MARK_MEDIA for real playout acknowledgement when the call speaks JSON control.

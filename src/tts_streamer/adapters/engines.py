@@ -10,8 +10,11 @@ See docs/vendors.md for every variable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+
+import trio
 
 from tts_streamer.adapters.voice import VoiceEngine
 
@@ -58,6 +61,42 @@ def build_engines(env: Mapping[str, str]) -> tuple[dict[str, VoiceEngine], dict[
     return engines, unavailable
 
 
+async def warm_engine(engine: VoiceEngine, *, within: float) -> str:
+    """Run ``engine.warm()`` if it has one (connections, TLS, credentials up before the first call),
+    bounded by ``within`` seconds. Returns "" when warm (or nothing to warm), else why not: never raises, a
+    cold vendor still works, its first call just pays for the set-up."""
+    warm: Callable[[], Awaitable[None]] | None = getattr(engine, "warm", None)
+    if warm is None:
+        return ""
+    try:
+        with trio.fail_after(within):
+            await warm()
+    except trio.TooSlowError:
+        return f"warm-up took longer than {within:g} s"
+    except Exception as exc:
+        return f"warm-up failed: {type(exc).__name__}: {exc}"
+    return ""
+
+
+async def warm_engines(engines: Mapping[str, VoiceEngine], *, within: float) -> dict[str, str]:
+    """Warm every engine at once; ``{name: reason}`` for those that did not warm."""
+    failed: dict[str, str] = {}
+
+    async def one(name: str, engine: VoiceEngine) -> None:
+        started = trio.current_time()
+        reason = await warm_engine(engine, within=within)
+        if reason:
+            failed[name] = reason
+            log.warning("voice %s not warmed: %s", name, reason)
+        elif getattr(engine, "warm", None) is not None:
+            log.info("voice %s warmed in %.0f ms", name, (trio.current_time() - started) * 1000)
+
+    async with trio.open_nursery() as nursery:
+        for name, engine in engines.items():
+            nursery.start_soon(one, name, engine)
+    return failed
+
+
 def _float(env: Mapping[str, str], key: str, default: float) -> float:
     raw = env.get(key, "").strip()
     return float(raw) if raw else default
@@ -76,6 +115,7 @@ def _elevenlabs(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
         model_id=env.get("ELEVENLABS_MODEL_ID", "").strip() or DEFAULT_MODEL,
         inactivity_timeout=timeout,
         keepalive_interval=min(10.0, timeout / 2),
+        ssl_context=_ssl_context(env.get("ELEVENLABS_CA_FILE", "").strip()),
     )
     return engine, ""
 
@@ -108,29 +148,66 @@ def _google(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
     )
 
     host = endpoint or f"{DEFAULT_HOST}:443"
-    channel = TextToSpeechGrpcTransport.create_channel(host, credentials=credentials, options=CHANNEL_OPTIONS)
-    return GoogleTTSEngine(channel=channel), ""
+    extra: dict[str, Any] = {}
+    ca_file = env.get("GCP_TTS_CA_FILE", "").strip()
+    if ca_file:  # trust this CA (a private endpoint or a TLS fake) instead of the system roots
+        with open(ca_file, "rb") as handle:
+            extra["ssl_credentials"] = grpc.ssl_channel_credentials(root_certificates=handle.read())
+    channel = TextToSpeechGrpcTransport.create_channel(
+        host, credentials=credentials, options=CHANNEL_OPTIONS, **extra
+    )
+    return GoogleTTSEngine(channel=channel, credentials=credentials), ""
+
+
+GO_POLLY_REGION = "eu-central-1"  # the Go tts-manager's fixed Polly region
+
+
+def aws_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The AWS key pair and region from the SDK's names, else the Go tts-manager's ``AWS_ACCESS_KEY`` /
+    ``AWS_SECRET_KEY`` (the SDK name wins per variable when both are set). With only Go's names and no
+    region anywhere, Go's fixed region (eu-central-1), as the Go service used."""
+    out: dict[str, str] = {}
+    for key, sdk, go in (
+        ("key_id", "AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY"),
+        ("secret", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY"),
+    ):
+        value, source = env.get(sdk, "").strip(), sdk
+        if not value:
+            value, source = env.get(go, "").strip(), go
+        if value:
+            out[key], out[key + "_source"] = value, source
+    region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip()
+    if region:
+        out["region"] = region
+    elif out.get("key_id_source") == "AWS_ACCESS_KEY" and not env.get("AWS_PROFILE", "").strip():
+        out["region"] = GO_POLLY_REGION
+    return out
 
 
 def _polly(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
-    key_id = env.get("AWS_ACCESS_KEY_ID", "").strip()
+    aws = aws_settings(env)
+    key_id = aws.get("key_id", "")
     profile = env.get("AWS_PROFILE", "").strip()
     use_chain = env.get("AWS_USE_DEFAULT_CREDENTIALS", "").strip().lower() in _TRUE
     if not (key_id or profile or use_chain):
         return (
             None,
-            "no AWS credentials configured (AWS_ACCESS_KEY_ID, AWS_PROFILE or AWS_USE_DEFAULT_CREDENTIALS=1)",
+            "no AWS credentials configured (AWS_ACCESS_KEY_ID or Go's AWS_ACCESS_KEY, AWS_PROFILE or "
+            "AWS_USE_DEFAULT_CREDENTIALS=1)",
         )
-    region = env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip() or None
+    if key_id and "secret" not in aws:
+        return None, f"{aws['key_id_source']} is set but AWS_SECRET_ACCESS_KEY / AWS_SECRET_KEY is not"
+    if aws.get("key_id_source") == "AWS_ACCESS_KEY":
+        log.info("voice aws: credentials from the Go names AWS_ACCESS_KEY / AWS_SECRET_KEY")
     import boto3
 
     from tts_streamer.adapters.polly import PollyEngine, make_client
 
     session = boto3.Session(
         aws_access_key_id=key_id or None,
-        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY", "").strip() or None,
+        aws_secret_access_key=aws.get("secret") or None,
         aws_session_token=env.get("AWS_SESSION_TOKEN", "").strip() or None,
-        region_name=region,
+        region_name=aws.get("region"),
         profile_name=profile or None,
     )
     if session.region_name is None:
@@ -143,11 +220,17 @@ def _polly(env: Mapping[str, str]) -> tuple[VoiceEngine | None, str]:
         endpoint_url=env.get("POLLY_ENDPOINT_URL", "").strip() or None,
         max_connections=concurrency,
         read_timeout=_float(env, "POLLY_READ_TIMEOUT", 5.0),
+        verify=env.get("AWS_CA_BUNDLE", "").strip() or None,
     )
     engine = PollyEngine(
         client, engine=env.get("POLLY_ENGINE", "").strip() or "neural", max_concurrency=concurrency
     )
     return engine, ""
+
+
+def _ssl_context(ca_file: str) -> ssl.SSLContext | None:
+    """Verification against ``ca_file`` instead of the system roots; None: the adapter's default."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else None
 
 
 def _fallback(

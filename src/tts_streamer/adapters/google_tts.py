@@ -96,6 +96,7 @@ class GoogleTTSEngine:
         idle_half_close: float = 4.0,
         server_idle_limit: float = 5.0,
         response_timeout: float = 10.0,
+        credentials: Any = None,
     ) -> None:
         if transport is None:
             if channel is None:
@@ -108,6 +109,8 @@ class GoogleTTSEngine:
         self.response_timeout = response_timeout
         self.rpcs_started = 0
         self._open = 0
+        # The channel's call credentials, when we built them: warm() fetches the first token early.
+        self._credentials = credentials
 
     @property
     def open_streams(self) -> int:
@@ -124,6 +127,19 @@ class GoogleTTSEngine:
         finally:
             self._open -= 1
             stream._release()
+
+    async def warm(self) -> None:
+        """Fetch the access token and connect the channel (DNS, TCP, TLS, HTTP/2) now, at start-up,
+        instead of inside a call's first utterance. Later RPCs reuse both (one channel per engine)."""
+        if self._credentials is not None and not getattr(self._credentials, "valid", True):
+            await trio.to_thread.run_sync(_refresh, self._credentials, abandon_on_cancel=True)
+        future = grpc.channel_ready_future(self.transport.grpc_channel)
+        try:
+            await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except grpc.FutureCancelledError:
+            raise VoiceError("gcp: channel did not connect", kind="connection") from None
+        finally:
+            future.cancel()  # an abandoned waiter thread wakes and exits
 
     def close(self) -> None:
         self.transport.close()  # type: ignore[no-untyped-call]
@@ -276,6 +292,12 @@ class GoogleStream:
         self._texts_send.close()
         self._texts.close()
         self.pipe.close()
+
+
+def _refresh(credentials: Any) -> None:
+    import google.auth.transport.requests
+
+    credentials.refresh(google.auth.transport.requests.Request())
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -58,8 +59,12 @@ def make_client(
     max_connections: int = 50,
     connect_timeout: float = 2.0,
     read_timeout: float = 5.0,
+    verify: str | None = None,
 ) -> Any:
-    """A Polly client from the standard AWS configuration (env, profile, role), pool sized for us."""
+    """A Polly client from the standard AWS configuration (env, profile, role), pool sized for us.
+
+    ``verify``: a CA bundle to trust instead of the system's (a TLS fake or a private endpoint); None
+    keeps botocore's default verification (which also honours ``AWS_CA_BUNDLE``). Never disables it."""
     import boto3
     from botocore.config import Config
 
@@ -70,7 +75,9 @@ def make_client(
         max_pool_connections=max_connections,
     )
     session = session or boto3.Session()
-    return session.client("polly", endpoint_url=endpoint_url, region_name=region, config=config)
+    return session.client(
+        "polly", endpoint_url=endpoint_url, region_name=region, config=config, verify=verify
+    )
 
 
 def map_error(exc: BaseException) -> VoiceError:
@@ -99,6 +106,8 @@ class PollyEngine:
         max_chars: int = 1500,
         read_size: int = 1600,
         prefetch: int = 1,
+        drain_bytes: int = 128 * 1024,
+        drain_seconds: float = 1.0,
     ) -> None:
         self.client = client
         self.engine = engine
@@ -106,6 +115,11 @@ class PollyEngine:
         self.max_chars = min(max_chars, MAX_BILLED_CHARS)
         self.read_size = read_size
         self.prefetch = prefetch
+        # A body dropped mid-read takes its connection with it (the next request pays TCP + TLS again):
+        # after a flush the worker reads and discards up to this much more (off the Trio loop), so a
+        # body that ends within the budget returns its connection to the pool. 0: always drop.
+        self.drain_bytes = drain_bytes
+        self.drain_seconds = drain_seconds
         self.threads_running = 0  # worker threads inside a request right now (tests watch it drain)
         self._count_lock = threading.Lock()
         self._open = 0
@@ -125,6 +139,40 @@ class PollyEngine:
         finally:
             self._open -= 1
             stream._release()
+
+    async def warm(self) -> None:
+        """Resolve credentials and open ``1 + prefetch`` pooled connections (TLS included) now, so a
+        call's first sentence does not pay for them: one ``DescribeVoices`` per connection, at once.
+        A refusal of DescribeVoices itself (AccessDenied: IAM allows only SynthesizeSpeech) still
+        leaves the connection open and the credentials resolved, so it counts as warmed."""
+        errors: list[VoiceError] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(1 + self.prefetch):
+                nursery.start_soon(self._describe, errors)
+        if errors:
+            raise errors[0]  # one readable reason for readiness, not a group
+
+    async def _describe(self, errors: list[VoiceError]) -> None:
+        try:
+            await self._describe_once()
+        except VoiceError as exc:
+            errors.append(exc)
+
+    async def _describe_once(self) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                lambda: self.client.describe_voices(LanguageCode="en-US"),
+                abandon_on_cancel=True,
+                limiter=self.limiter,
+            )
+        except bexc.ClientError as exc:
+            error = map_error(exc)
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if error.kind == "auth" and code != "AccessDeniedException":
+                raise error from None
+            log.debug("aws warm-up: DescribeVoices answered %s; the connection is warm", code)
+        except Exception as exc:
+            raise map_error(exc) from None
 
     def _count(self, delta: int) -> None:
         with self._count_lock:
@@ -236,11 +284,15 @@ class PollyStream:
                 data = body.read(engine.read_size)
                 if not data:
                     break
+                if segment.stop.is_set():
+                    break
                 data = carry + data
                 whole = len(data) // 2 * 2
                 carry = data[whole:]
                 if whole and not segment.stop.is_set():
                     deliver(ulaw_encode(np.frombuffer(data[:whole], dtype="<i2")))
+            if segment.stop.is_set() and not _drain(body, engine.drain_bytes, engine.drain_seconds):
+                log.debug("aws: flushed body longer than the drain budget; its connection is dropped")
         except VoiceError as exc:
             deliver(exc)
         except Exception as exc:
@@ -263,6 +315,19 @@ class PollyStream:
         self._segments_send.close()
         self._segments.close()
         self.pipe.close()
+
+
+def _drain(body: Any, limit: int, seconds: float) -> bool:
+    """Read and discard the rest of ``body`` within ``limit`` bytes and ``seconds``; True at its end."""
+    if limit <= 0:
+        return False
+    deadline, total = time.monotonic() + seconds, 0
+    while total <= limit and time.monotonic() < deadline:
+        data = body.read(min(65536, limit + 1 - total))
+        if not data:
+            return True
+        total += len(data)
+    return False
 
 
 def _deliverer(

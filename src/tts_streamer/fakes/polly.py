@@ -62,6 +62,10 @@ class _Server(ThreadingHTTPServer):
     fake: PollyFake
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        # One call per accepted connection: a client that reuses its pool opens few of them.
+        with self.fake._lock:
+            self.fake.connections += 1
+            self.fake._sockets.add(request)
         thread = threading.Thread(
             target=self.process_request_thread,
             args=(request, client_address),
@@ -81,6 +85,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.server.fake._serve(self)
 
+    def do_GET(self) -> None:
+        """``DescribeVoices`` (``GET /v1/voices``): what a warm-up sends; answers an empty list."""
+        auth = self.headers.get("Authorization", "")
+        status, payload = (200, b'{"Voices": []}') if auth.startswith("AWS4-HMAC-SHA256") else (403, b"{}")
+        if self.path.split("?")[0] != "/v1/voices":
+            status, payload = 404, b'{"message": "not found"}'
+        self.server.fake.describe_calls += 1
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
 
 class PollyFake:
     def __init__(
@@ -97,6 +114,9 @@ class PollyFake:
         self.first_audio_delay = first_audio_delay
         self.faults = FaultQueue()
         self.requests: list[SpeechRequest] = []
+        self.connections = 0  # accepted TCP connections (keep-alive: a reused one is not counted again)
+        self.describe_calls = 0
+        self._sockets: set[Any] = set()
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -127,6 +147,13 @@ class PollyFake:
         if server is not None:
             server.shutdown()
             server.server_close()
+        with self._lock:
+            sockets, self._sockets = list(self._sockets), set()
+        for sock in sockets:  # idle keep-alive connections: their threads wait in a read
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if self._thread is not None:
             self._thread.join(2)
 
@@ -155,7 +182,10 @@ class PollyFake:
             record.outcome = record.outcome or "disconnected"
         finally:
             record.ended_at = time.monotonic()
-            handler.close_connection = True
+            # Keep-alive after a whole response (as AWS does), so a client's pool can reuse it.
+            handler.close_connection = not (
+                record.outcome == "completed" or record.outcome.startswith("rejected:")
+            )
 
     def _respond(self, handler: _Handler, body: bytes, record: SpeechRequest) -> None:
         auth = handler.headers.get("Authorization", "")

@@ -15,7 +15,10 @@ from typing import TypeVar
 
 import attrs
 
+from tts_streamer.actors.media_socket import PacingConfig
+
 T = TypeVar("T")
+_SHIPPED_PACING = PacingConfig()
 
 
 class ConfigError(ValueError):
@@ -65,8 +68,9 @@ class DaemonConfig:
     event_max_bytes: int = 1 << 20  # larger events are refused (RabbitMQ 4.x's own limit: 16 MiB)
     drain_timeout: float = 10.0
     default_engine: str = "espeak"
-    lead_frames: int = 3
-    frames_per_message: int = 5  # bench/results: 1 cannot keep up past ~180 sessions per core
+    voice_warmup_timeout: float = 5.0  # start-up warm-up of each cloud voice (channel, pool, credentials)
+    lead_frames: int = _SHIPPED_PACING.lead_frames  # one source of truth: PacingConfig's defaults
+    frames_per_message: int = _SHIPPED_PACING.frames_per_message
     media_start_timeout: float = 5.0
     admin_socket: str = ""  # empty: $XDG_RUNTIME_DIR/tts-streamer/console.sock or a per-user temp dir
     admin_host: str = ""
@@ -130,6 +134,7 @@ class DaemonConfig:
             event_max_bytes=get("EVENT_MAX_BYTES", d.event_max_bytes, _positive_int),
             drain_timeout=get("DRAIN_TIMEOUT", d.drain_timeout, _positive_float),
             default_engine=get("DEFAULT_ENGINE", d.default_engine, str),
+            voice_warmup_timeout=get("VOICE_WARMUP_TIMEOUT", d.voice_warmup_timeout, _positive_float),
             lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
             frames_per_message=get("FRAMES_PER_MESSAGE", d.frames_per_message, _positive_int),
             media_start_timeout=get("MEDIA_START_TIMEOUT", d.media_start_timeout, _positive_float),

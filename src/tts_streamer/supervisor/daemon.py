@@ -19,6 +19,7 @@ import trio
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
+from tts_streamer.adapters.engines import warm_engines
 from tts_streamer.adapters.speaking_store import open_speaking_store
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.supervisor.amqp_bridge import (
@@ -38,6 +39,7 @@ from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublish
 from tts_streamer.supervisor.health import Readiness, serve_http
 from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.providers import ProviderResolver
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
 from tts_streamer.supervisor.speaking_parts import local_store_warning
@@ -184,6 +186,9 @@ async def run_daemon(
             stop_grace=session_config.timeouts.close,
         ) as supervisor:
             metrics.attach(bus, supervisor)
+            # Connections, TLS and credentials up before the first call (bounded; a failure is a
+            # readiness detail, never fatal: that vendor's first call pays for its set-up).
+            root.start_soon(_warm_voices, engines, readiness, config.voice_warmup_timeout, name="warm-up")
             # Health and the console come up first: liveness answers (and readiness says why not)
             # while the broker is still unreachable.
             http_port = await root.start(
@@ -238,6 +243,9 @@ async def run_daemon(
                             engines=engines.keys(),
                             max_text_bytes=config.max_text_bytes,
                             stop_retry=StopRetry(give_up_after=config.speaking_stop_retry_timeout),
+                            providers=ProviderResolver(
+                                frozenset(engines), config.default_engine, unavailable, metrics
+                            ),
                         )
                         streamings.add_end_listener(speakings.on_streaming_ended)
                         bus.add_listener(speakings.on_session_event)
@@ -337,6 +345,14 @@ def _console(
         unix_path=config.admin_socket or default_console_path(),
         metrics=metrics,
     )
+
+
+async def _warm_voices(engines: Mapping[str, VoiceEngine], readiness: Readiness, within: float) -> None:
+    readiness.vendors_warming = True
+    try:
+        readiness.vendors_not_warmed = await warm_engines(engines, within=within)
+    finally:
+        readiness.vendors_warming = False
 
 
 async def _track_readiness(readiness: Readiness, bridge: AmqpBridge) -> None:

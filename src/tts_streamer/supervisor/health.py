@@ -47,6 +47,10 @@ class Readiness:
     # Detail, not a readiness failure: the speakings' store is a local file although other pods may
     # serve the same shared queue (docs/deploy.md); empty when the store is shared.
     speakings_store_warning: str = ""
+    # Start-up warm-up of the cloud voices (bounded by VOICE_WARMUP_TIMEOUT): not ready meanwhile, so
+    # a first call does not land on a cold pod; those that failed to warm are detail, not a failure.
+    vendors_warming: bool = False
+    vendors_not_warmed: dict[str, str] = attrs.field(factory=dict)
 
     def reasons(self, supervisor: Supervisor | None = None) -> list[str]:
         """Why the daemon is not ready (empty when it is); stable codes for probes and dashboards."""
@@ -55,6 +59,8 @@ class Readiness:
             reasons.append("command_plane_disconnected")
         if self.draining:
             reasons.append("draining")
+        if self.vendors_warming:
+            reasons.append("vendors_warming")
         if supervisor is not None and not supervisor.accepting:
             reasons.append("not_accepting_sessions")
         return reasons
@@ -354,7 +360,10 @@ def health_routes(
 
     async def ready(_request: HttpRequest) -> HttpResponse:
         reasons = readiness.reasons(supervisor)
-        detail: dict[str, object] = {"vendors_unavailable": readiness.vendors_unavailable}
+        detail: dict[str, object] = {
+            "vendors_unavailable": readiness.vendors_unavailable,
+            "vendors_not_warmed": readiness.vendors_not_warmed,
+        }
         if readiness.speakings_store_warning:
             detail["speakings_store_warning"] = readiness.speakings_store_warning
         if reasons:

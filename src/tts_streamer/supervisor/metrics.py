@@ -238,6 +238,12 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.provider_unavailable = Counter(
+            PREFIX + "provider_unavailable",
+            "Requests naming a provider the daemon has no voice for, spoken by the fallback instead.",
+            ["provider", "fallback"],
+            registry=registry,
+        )
         registry.register(_ScrapeCollector(self))
         ProcessCollector(registry=registry)  # process_resident_memory_bytes, CPU seconds, open fds
 

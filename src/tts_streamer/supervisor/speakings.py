@@ -44,6 +44,7 @@ from tts_streamer.adapters.voipbin.wire import (
     WireError,
 )
 from tts_streamer.supervisor.command_plane import Handler, NotOwned
+from tts_streamer.supervisor.providers import ProviderResolver
 from tts_streamer.supervisor.speaking_parts import (
     ACTIVE,
     DEFAULT_PROVIDER,
@@ -90,6 +91,7 @@ class SpeakingService:
         stop_on_vendor_error: bool = True,
         stop_retry: StopRetry = StopRetry(),
         clock: Callable[[], dt.datetime] = now_utc,
+        providers: ProviderResolver | None = None,
     ) -> None:
         self.stats = SpeakingStats()
         self.live: dict[uuid.UUID, LiveSpeaking] = {}
@@ -99,6 +101,7 @@ class SpeakingService:
         self._nursery = nursery
         self._pod_id = pod_id
         self._engines = frozenset(engines)
+        self._providers = providers or ProviderResolver.of(engines)
         self._max_text_bytes = max_text_bytes
         self._stop_on_vendor_error = stop_on_vendor_error
         self._stop_retry = stop_retry
@@ -203,7 +206,7 @@ class SpeakingService:
             streaming_id=sid,
             provider=speaking.provider,
             voice_id=speaking.voice_id,
-            engine=speaking.provider if speaking.provider in self._engines else None,
+            engine=self._providers.engine_for(speaking.provider, request=f"speaking={sid}"),
             wire_message_id=NIL_UUID,
         )
         row: Speaking | None = None

@@ -1,0 +1,102 @@
+"""The far side of ``bench.vendors``' network, in its own process: the three vendor fakes, each behind a
+``DelayProxy`` (TLS + one-way delay). Keeping them out of the measured process keeps their threads off
+its GIL and its Trio loop, as a real vendor is.
+
+``python -m bench.vendor_fakes CERT_FOLDER DELAY FAKE_DELAY``: prints one JSON line with the proxies'
+ports, then answers one JSON line per line read on stdin: ``state`` (open vendor resources and proxy
+connection counts), ``fault <vendor> <kind> <after_bytes>``, ``clear``. EOF on stdin ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.netem import Certificates, DelayProxy
+from tts_streamer.fakes.elevenlabs import ElevenLabsFake
+from tts_streamer.fakes.google_tts import GoogleTTSFake
+from tts_streamer.fakes.polly import PollyFake
+from tts_streamer.fakes.vendor_faults import Fault
+
+VENDORS = ("gcp", "elevenlabs", "aws")
+
+
+def _eleven_unreleased(fake: ElevenLabsFake) -> int:
+    """Contexts neither closed nor final on a connection still open."""
+    return sum(
+        1
+        for conn in fake.connections
+        if conn.closed_at is None
+        for ctx in conn.contexts.values()
+        if ctx.closed_at is None and ctx.final_at is None
+    )
+
+
+async def serve(folder: Path, delay: float, fake_delay: float) -> None:
+    certs = Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    tls = certs.server_context()
+    with (
+        GoogleTTSFake(first_audio_delay=fake_delay) as google,
+        PollyFake(first_audio_delay=fake_delay) as polly,
+    ):
+        eleven = ElevenLabsFake(first_audio_delay=fake_delay)
+        polly_port = int(polly.endpoint_url.rsplit(":", 1)[1])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(eleven.serve)
+            proxies = {
+                "gcp": DelayProxy(("127.0.0.1", google.port), delay, tls),
+                "elevenlabs": DelayProxy(("127.0.0.1", eleven.port), delay, tls),
+                "aws": DelayProxy(("127.0.0.1", polly_port), delay, tls),
+            }
+            ports = {name: await nursery.start(proxy.serve) for name, proxy in proxies.items()}
+            faults = {"gcp": google.faults, "elevenlabs": eleven.faults, "aws": polly.faults}
+            stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
+            stdout = trio.lowlevel.FdStream(sys.stdout.fileno())
+
+            async def reply(value: dict[str, Any]) -> None:
+                await stdout.send_all(json.dumps(value).encode() + b"\n")
+
+            await reply({"ports": ports})
+            buffer = b""
+            while True:
+                data = await stdin.receive_some(65536)
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    words = line.decode().split()
+                    if words == ["state"]:
+                        await reply(
+                            {
+                                "open": {
+                                    "gcp": len(google.open_rpcs),
+                                    "elevenlabs": _eleven_unreleased(eleven),
+                                    "aws": len(polly.open_requests),
+                                },
+                                "connections": {n: p.connections for n, p in proxies.items()},
+                            }
+                        )
+                    elif words and words[0] == "fault":
+                        faults[words[1]].add(Fault(words[2], after_bytes=int(words[3])))
+                        await reply({"ok": True})
+                    elif words == ["clear"]:
+                        for queue in faults.values():
+                            queue.clear()
+                        await reply({"ok": True})
+                    else:
+                        await reply({"error": f"unknown command {words!r}"})
+            nursery.cancel_scope.cancel()
+
+
+def main() -> int:
+    trio.run(serve, Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
