@@ -17,6 +17,7 @@ from tests.amqp_support import Rig, open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url
 from tests.db_support import Database, database_fixture
 from tests.services import require_rabbitmq
+from tests.test_amqp_resilience import poll_until
 from tts_streamer.adapters import speaking_store as ss
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
@@ -468,8 +469,7 @@ async def test_a_crashed_pods_speaking_is_closed_by_a_pod_of_another_name(db: Da
                 assert sweeper is not None
                 # The sweep counts a row once its external media's DELETE (an RPC after the events,
                 # bounded) is done.
-                while sweeper.stats.swept == 0:
-                    await trio.sleep(0.05)
+                await poll_until(lambda: sweeper.stats.swept > 0)
                 assert sweeper.stats.swept == 1
                 assert uuid.UUID(sid) in rig.call_manager.deleted
     assert len(events_of(rig, sid, "speaking_stopped")) == 1
