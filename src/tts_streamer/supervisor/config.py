@@ -55,7 +55,7 @@ class DaemonConfig:
     per_pod_queue_expires_ms: int = 1_800_000
     # The broker's share of the callers' 3 s: a per-pod request is started only within
     # REQUEST_TIMEOUT - TTL - DELIVERY_ALLOWANCE of its receipt (command-plane.md).
-    per_pod_message_ttl_ms: int = 2_000
+    per_pod_message_ttl_ms: int = 1_500
     request_timeout: float = 3.0  # voipbin's callers give up after 3 s
     delay_exchange: bool = False
     create_timeout: float = 2.5
