@@ -55,6 +55,8 @@ class DaemonConfig:
     lead_frames: int = 3
     frames_per_message: int = 5  # bench/results: 1 cannot keep up past ~180 sessions per core
     media_start_timeout: float = 5.0
+    # First audio waits for the bridge join at most this long after MEDIA_START (docs/architecture.md).
+    bridge_wait_ms: int = 200
     admin_socket: str = ""  # empty: $XDG_RUNTIME_DIR/tts-streamer/console.sock or a per-user temp dir
     admin_host: str = ""
     admin_port: int = 0
@@ -108,6 +110,7 @@ class DaemonConfig:
             lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
             frames_per_message=get("FRAMES_PER_MESSAGE", d.frames_per_message, _positive_int),
             media_start_timeout=get("MEDIA_START_TIMEOUT", d.media_start_timeout, _positive_float),
+            bridge_wait_ms=get("BRIDGE_WAIT_MS", d.bridge_wait_ms, _non_negative_int),
             admin_socket=get("ADMIN_SOCKET", d.admin_socket, str),
             admin_host=get("ADMIN_HOST", d.admin_host, str),
             admin_port=get("ADMIN_PORT", d.admin_port, _non_negative_int),

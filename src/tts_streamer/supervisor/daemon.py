@@ -143,7 +143,11 @@ async def run_daemon(
     shutdown = trio.Event()
     session_config = SessionConfig(
         timeouts=MediaTimeouts(media_start=config.media_start_timeout),
-        pacing=PacingConfig(lead_frames=config.lead_frames, frames_per_message=config.frames_per_message),
+        pacing=PacingConfig(
+            lead_frames=config.lead_frames,
+            frames_per_message=config.frames_per_message,
+            bridge_timeout=config.bridge_wait_ms / 1000,
+        ),
         max_text_bytes=config.max_text_bytes,
     )
     metrics = Metrics()
