@@ -23,9 +23,9 @@ WAIT = 0.2
 PHASE = 0.01  # Asterisk's ticks at MEDIA_START + 0.01 + k * 0.02
 
 # voipbin's topology: a spy-less snoop in a simple_bridge sends the media leg nothing, ever.
-SNOOP = SimConfig(send_caller_audio=False, bridge_delay=0.005, tick_phase=PHASE)
-# A softmix bridge: caller frames at 50/s once joined.
-SOFTMIX = SimConfig(send_caller_audio=True, bridge_delay=0.005, tick_phase=PHASE)
+SNOOP = SimConfig.snoop(bridge_delay=0.005, tick_phase=PHASE)
+# A softmix bridge: caller frames at 50/s from 8 ms after the join.
+SOFTMIX = SimConfig.softmix(bridge_delay=0.005, tick_phase=PHASE)
 
 
 async def first_audio_after_say(
@@ -72,9 +72,10 @@ async def test_a_say_at_once_without_caller_frames_waits_until_the_bridge_wait_a
 
 async def test_a_caller_frame_ends_the_wait_at_once(nursery, autojump_clock):
     delay, call = await first_audio_after_say(nursery, SOFTMIX, say_after=0.0)
-    # Joined at 5 ms; the first tick after it (10 ms) sends the first caller frame; audio follows.
+    # Joined at 5 ms; softmix sends caller frames from 8 ms after the join, so the first one goes out
+    # on the tick at 30 ms; the audio follows it at once instead of waiting the full 200 ms.
     assert call.caller_frames_sent > 0
-    assert delay == pytest.approx(PHASE)
+    assert delay == pytest.approx(PHASE + 0.020)
     assert call.frames_lost_unbridged == 0 and heard_frames(call) == FRAMES
 
 
