@@ -47,6 +47,7 @@ class DaemonConfig:
     delay_exchange: bool = False
     create_timeout: float = 2.5
     call_manager_timeout: float = 3.0
+    flow_manager_timeout: float = 1.0  # runs alongside call-manager's create, inside CREATE_TIMEOUT
     delete_forward_timeout: float = 1.0
     max_text_bytes: int = 5000
     event_buffer: int = 10_000
@@ -102,6 +103,7 @@ class DaemonConfig:
             delay_exchange=get("DELAY_EXCHANGE", d.delay_exchange, _bool),
             create_timeout=get("CREATE_TIMEOUT", d.create_timeout, _positive_float),
             call_manager_timeout=get("CALL_MANAGER_TIMEOUT", d.call_manager_timeout, _positive_float),
+            flow_manager_timeout=get("FLOW_MANAGER_TIMEOUT", d.flow_manager_timeout, _positive_float),
             delete_forward_timeout=get("DELETE_FORWARD_TIMEOUT", d.delete_forward_timeout, _positive_float),
             max_text_bytes=get("MAX_TEXT_BYTES", d.max_text_bytes, _positive_int),
             event_buffer=get("EVENT_BUFFER", d.event_buffer, _positive_int),

@@ -21,6 +21,7 @@ from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
 from tts_streamer.adapters.speaking_store import open_speaking_store
 from tts_streamer.adapters.voice import VoiceEngine
+from tts_streamer.adapters.voipbin.flow_manager import FlowManager
 from tts_streamer.supervisor.amqp_bridge import (
     AmqpBridge,
     ExchangeSpec,
@@ -203,6 +204,7 @@ async def run_daemon(
                             create_timeout=config.create_timeout,
                             max_text_bytes=config.max_text_bytes,
                             metrics=metrics,
+                            flow_manager=FlowManager(bridge, config.flow_manager_timeout),
                         )
                         bus.add_listener(streamings.on_session_event)
                         speakings = SpeakingService(
