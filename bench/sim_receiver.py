@@ -88,7 +88,9 @@ class TimingTap(trio.abc.Stream):
 async def serve(
     listener: socket.socket, recorder: Recorder, max_seconds: float
 ) -> tuple[str, AsteriskSimulator]:
-    sim = AsteriskSimulator(SimConfig(send_caller_audio=False, record_frames=False), accept_any=True, seed=7)
+    # Bridged at the connection: these runs send at once (bridge_timeout=0) and measure pacing only.
+    legs = SimConfig(send_caller_audio=False, bridge_delay=0.0, record_frames=False)
+    sim = AsteriskSimulator(legs, accept_any=True, seed=7)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(listener))]
 
     async def handler(stream: trio.SocketStream) -> None:

@@ -76,7 +76,9 @@ async def test_audio_of_a_flushed_utterance_arriving_after_flush_media_is_never_
     conn = SlowConnection()
     audio = AudioChannel(budget_ms=1000)
     listener = Listener()
-    media = MediaSocket(cast(MediaConnection, conn), audio, listener, PacingConfig(lead_frames=0))
+    media = MediaSocket(
+        cast(MediaConnection, conn), audio, listener, PacingConfig(lead_frames=0, frames_per_message=1)
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(media.serve)
         await audio.send(AudioChunk(0, b"\x10" * 1600))

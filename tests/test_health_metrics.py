@@ -17,6 +17,7 @@ from tests.support import task_names
 from tests.test_console import LONG_TEXT, idle_supervisor, open_daemon, wait_for_event
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import CommandError, SayAdd, SayFlush, SayInit
+from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.fakes.asterisk_call import SimConfig
 from tts_streamer.supervisor.health import (
@@ -257,7 +258,9 @@ async def test_frames_and_lateness_of_ended_sessions_are_kept(nursery, autojump_
         for call_id in ("c1", "c2"):
             await sup.call(call_id, SayInit())
             await sup.call(call_id, SayAdd(LONG_TEXT))
-        await trio.sleep(2.0)
+        # Two seconds of speech after the first audio's wait for the bridge (no caller frames here),
+        # plus half a slot so the scrape below never falls on c2's 20 ms send times (it would race).
+        await trio.sleep(PacingConfig().bridge_timeout + 2.0 + 0.01)
         c1 = sup.get("c1").media
         assert c1 is not None
         await sup.stop("c1")

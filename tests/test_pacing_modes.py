@@ -29,6 +29,7 @@ class SlowConnection:
             control_format=ControlFormat.TEXT,
         )
         self.connection_id = "c1"
+        self.started_at = 0.0
         self.bridged = trio.Event()
         self.bridged.set()
         self.paused = False

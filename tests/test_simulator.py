@@ -1,7 +1,10 @@
 """The Asterisk chan_websocket simulator, driven by a raw trio-websocket client.
 
 Unless a test says otherwise the leg connects at t=0 under the autojump clock and its ticks fall at
-0.005 + k * 0.020, so client actions at whole multiples of 20 ms never coincide with a tick.
+0.005 + k * 0.020, so client actions at whole multiples of 20 ms never coincide with a tick. The
+mechanics tests use a leg already bridged at the connection in a softmix bridge (``bridged()``: every
+frame is heard, caller frames flow); the simulator's own default (voipbin's topology: a join 20 ms
+after the connection, no caller frames ever) has tests of its own.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ def frames(n: int, start: int = 0) -> bytes:
     return b"".join(bytes([(start + i) % 200]) * FRAME for i in range(n))
 
 
+def bridged(**changes: Any) -> SimConfig:
+    """A leg in a softmix bridge from the connection on, caller frames from the first tick."""
+    return SimConfig.softmix(**{"bridge_delay": 0.0, "caller_audio_delay": 0.0, **changes})
+
+
 def tick_time(k: int) -> float:
     return PHASE + 0.020 * k
 
@@ -93,7 +101,7 @@ async def leg(
     nursery: trio.Nursery, config: SimConfig | None = None, *, connection_id: str = "c1"
 ) -> AsyncIterator[tuple[WebSocketConnection, SimCall, Inbox]]:
     sim = AsteriskSimulator(seed=0)
-    call = sim.expect(connection_id, attrs.evolve(config or SimConfig(), tick_phase=PHASE))
+    call = sim.expect(connection_id, attrs.evolve(config or bridged(), tick_phase=PHASE))
     async with memory_dialer(sim, nursery)(f"ws://asterisk:8088/media/{connection_id}") as ws:
         inbox = Inbox()
         nursery.start_soon(inbox.drain, ws)
@@ -108,7 +116,7 @@ async def settle() -> None:
 
 
 async def test_media_start_plain_text(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    config = SimConfig(media_start_extra={"passthrough": "false", "unbuffered": "false"})
+    config = bridged(media_start_extra={"passthrough": "false", "unbuffered": "false"})
     async with leg(nursery, config) as (_ws, call, inbox):
         await settle()
         t, text = inbox.texts[0]
@@ -126,7 +134,7 @@ async def test_media_start_plain_text(autojump_clock: trio.abc.Clock, nursery: t
 
 
 async def test_media_start_json(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    config = SimConfig(control_format=ControlFormat.JSON, media_start_extra={"unbuffered": False})
+    config = bridged(control_format=ControlFormat.JSON, media_start_extra={"unbuffered": False})
     async with leg(nursery, config) as (_ws, call, inbox):
         await settle()
         event = parse_event(inbox.texts[0][1])
@@ -139,11 +147,11 @@ async def test_media_start_json(autojump_clock: trio.abc.Clock, nursery: trio.Nu
 
 
 async def test_faults_around_media_start(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(audio_before_media_start=True)) as (_ws, _call, inbox):
+    async with leg(nursery, bridged(audio_before_media_start=True)) as (_ws, _call, inbox):
         await trio.sleep(0.1)
         assert inbox.order[:3] == ["binary", "binary", "text"]
         assert isinstance(parse_event(inbox.texts[0][1]), MediaStart)
-    async with leg(nursery, SimConfig(never_send_media_start=True), connection_id="c2") as (_ws, _c, inbox):
+    async with leg(nursery, bridged(never_send_media_start=True), connection_id="c2") as (_ws, _c, inbox):
         await trio.sleep(1)
         assert inbox.texts == []
         assert len(inbox.binary_times) == 50  # bridged, so the caller is heard all the same
@@ -205,7 +213,7 @@ async def test_mark_reported_when_playout_reaches_it(
 
 
 async def test_mark_json_and_marks_use_no_tick(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(control_format=ControlFormat.JSON)) as (ws, call, inbox):
+    async with leg(nursery, bridged(control_format=ControlFormat.JSON)) as (ws, call, inbox):
         await ws.send_message(frames(1))
         await ws.send_message(json.dumps({"command": "MARK_MEDIA", "correlation_id": "utt-1"}))
         await ws.send_message(frames(1, start=1))
@@ -321,7 +329,7 @@ async def test_paced_client_has_no_underruns(autojump_clock: trio.abc.Clock, nur
 
 
 async def test_lost_tick_delays_the_rest(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(lost_ticks=frozenset({2}))) as (ws, call, _inbox):
+    async with leg(nursery, bridged(lost_ticks=frozenset({2}))) as (ws, call, _inbox):
         await ws.send_message(frames(4))
         await trio.sleep(0.2)
         assert [p.tick for p in call.played] == [0, 1, 3, 4]
@@ -330,7 +338,7 @@ async def test_lost_tick_delays_the_rest(autojump_clock: trio.abc.Clock, nursery
 
 
 async def test_audio_before_bridge_is_lost(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(bridge_delay=0.5)) as (ws, call, inbox):
+    async with leg(nursery, bridged(bridge_delay=0.5)) as (ws, call, inbox):
         await ws.send_message(frames(50))
         await trio.sleep(1.5)
         assert call.frames_played == 50
@@ -344,8 +352,34 @@ async def test_audio_before_bridge_is_lost(autojump_clock: trio.abc.Clock, nurse
         assert len([t for t in inbox.binary_times if t < 1.5]) == 50
 
 
+async def test_by_default_the_leg_joins_after_the_connection_and_hears_no_caller(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    # voipbin's topology (chan_websocket.md §8): the join comes after the connection, and a spy-less
+    # snoop in a simple_bridge sends the media leg nothing at all.
+    async with leg(nursery, SimConfig()) as (ws, call, inbox):
+        await ws.send_message(frames(10))
+        await trio.sleep(2)
+        assert call.bridged_at == pytest.approx(0.020)
+        assert call.frames_played == 10
+        assert call.frames_lost_unbridged == 1  # the tick at 5 ms, before the join at 20 ms
+        assert call.played_audio()[FRAME : 10 * FRAME] == frames(10)[FRAME:]
+        assert inbox.binary_times == [] and call.caller_frames_sent == 0
+
+
+async def test_a_softmix_bridge_sends_caller_frames_from_a_little_after_the_join(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    async with leg(nursery, SimConfig.softmix(bridge_delay=0.05)) as (_ws, call, inbox):
+        await trio.sleep(1.1)
+        # Joined at 50 ms, caller audio from 58 ms: the first frame goes on the tick at 65 ms, then 50/s.
+        assert inbox.binary_times[0] == pytest.approx(tick_time(3))
+        assert len([t for t in inbox.binary_times if t < tick_time(53)]) == 50
+        assert call.caller_frames_sent == len(inbox.binary_times)
+
+
 async def test_manual_bridge(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(bridge_delay=None)) as (_ws, call, inbox):
+    async with leg(nursery, bridged(bridge_delay=None)) as (_ws, call, inbox):
         await trio.sleep(1)
         assert inbox.binary_times == []
         call.bridge()
@@ -395,7 +429,7 @@ async def test_ignored_text(autojump_clock: trio.abc.Clock, nursery: trio.Nurser
 
 
 async def test_json_mode_errors(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(control_format=ControlFormat.JSON)) as (ws, call, inbox):
+    async with leg(nursery, bridged(control_format=ControlFormat.JSON)) as (ws, call, inbox):
         await ws.send_message("GET_STATUS")
         await ws.send_message("{not json")
         await ws.send_message('{"verb":"GET_STATUS"}')  # valid JSON, no command: unknown, no reply
@@ -445,7 +479,7 @@ async def test_hangup_command_closes_1000(autojump_clock: trio.abc.Clock, nurser
 
 
 async def test_simulated_hangup(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(close_after=1.0)) as (_ws, call, inbox):
+    async with leg(nursery, bridged(close_after=1.0)) as (_ws, call, inbox):
         await inbox.closed.wait()
         assert trio.current_time() == pytest.approx(1.0)
         assert inbox.close_code == 1000
@@ -463,7 +497,7 @@ async def test_oversize_message_closes_1009(autojump_clock: trio.abc.Clock, nurs
 
 
 async def test_stalled_reads(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    async with leg(nursery, SimConfig(stall_reads=0.0)) as (ws, call, inbox):
+    async with leg(nursery, bridged(stall_reads=0.0)) as (ws, call, inbox):
         await ws.send_message(frames(10))
         await ws.send_message(frames(10))
         await trio.sleep(1)
@@ -552,7 +586,7 @@ async def test_handshake_statuses_over_tcp(nursery: trio.Nursery) -> None:
 
 
 async def test_memory_dialer_registry(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
-    sim = AsteriskSimulator(SimConfig(connect_deadline=30.0), seed=2)
+    sim = AsteriskSimulator(bridged(connect_deadline=30.0), seed=2)
     dial = memory_dialer(sim, nursery)
     assert await _rejected_status(dial, "ws://a/media/nobody") == 404
     sim.expect("late")
@@ -624,7 +658,7 @@ async def test_cancelled_client_leaves_1006(autojump_clock: trio.abc.Clock, nurs
 async def test_client_that_stops_reading_is_dropped(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
-    sim = AsteriskSimulator(seed=4)
+    sim = AsteriskSimulator(bridged(), seed=4)  # caller frames: Asterisk writes every 20 ms
     call = sim.expect("c1")
     # Lockstep streams have no buffer, so a write blocks as soon as the client stops reading.
     client_end, server_end = trio.testing.lockstep_stream_pair()
@@ -643,7 +677,7 @@ async def test_a_stall_of_the_simulator_itself_is_not_a_write_timeout(
 ) -> None:
     """Asterisk is another process: if ours stalls (a GC pause in a busy test run), the client did
     not stop reading, so a pending write must not be timed out for that stall."""
-    sim = AsteriskSimulator(SimConfig(write_timeout=0.3), seed=4)
+    sim = AsteriskSimulator(bridged(write_timeout=0.3), seed=4)
     call = sim.expect("c1")
     client_end, server_end = trio.testing.lockstep_stream_pair()
     nursery.start_soon(sim.serve_stream, server_end)

@@ -48,8 +48,11 @@ class PacingConfig:
     # (bench/NOTES.md); Asterisk re-cuts each message into 20 ms frames on its own clock.
     lead_frames: int = 3
     frames_per_message: int = 5
-    # Audio before the leg is bridged is lost; the first caller frame says it is bridged.
-    bridge_timeout: float = 0.5
+    # Audio sent before the leg joins its bridge is lost, and Asterisk says nothing when it joins:
+    # the first audio waits until this long after MEDIA_START, or less if a caller frame (proof of
+    # the join) comes first. Counted from the connection, so a say made later goes out at once.
+    # BRIDGE_WAIT_MS; docs/architecture.md "Waiting for the bridge" explains the default.
+    bridge_timeout: float = 0.2
     # "auto": use MARK_MEDIA for real playout acknowledgement when the call speaks JSON control.
     use_marks: str = "auto"
     # "absolute" is the only production mode. "sleep_after_write" exists for benchmarks only, as the
@@ -62,6 +65,8 @@ class PacingConfig:
             raise ValueError(f"lead_frames must be in [0, {protocol.XOFF_FRAMES // 2}): {self.lead_frames}")
         if self.frames_per_message < 1:
             raise ValueError("frames_per_message must be at least 1")
+        if not self.bridge_timeout >= 0:
+            raise ValueError(f"bridge_timeout must not be negative: {self.bridge_timeout}")
         if self.use_marks not in {"auto", "always", "never"}:
             raise ValueError(f"use_marks must be auto, always or never: {self.use_marks!r}")
         if self.mode not in {"absolute", "sleep_after_write"}:
@@ -87,6 +92,9 @@ class MediaStats:
     frames_dropped_by_flush: int = 0
     timeline_restarts: int = 0
     flushes: int = 0
+    # How long the first audio waited for the bridge, and whether a caller frame ended the wait.
+    bridge_waited: float | None = None
+    bridge_seen: bool = False
     lateness: LatenessRecorder = attrs.field(factory=LatenessRecorder)
 
 
@@ -185,8 +193,7 @@ class MediaSocket:
                 continue
             if not self._bridge_checked:
                 self._bridge_checked = True
-                with trio.move_on_after(self._config.bridge_timeout):
-                    await self._conn.bridged.wait()
+                await self._wait_for_bridge()
             if self._conn.paused:
                 await self._conn.wait_resumed()
             if self._config.mode == "sleep_after_write":
@@ -207,6 +214,13 @@ class MediaSocket:
                 if self._wake_scope.cancelled_caught:
                     continue  # flushed while waiting: start over with what is left
             await self._send_due(max(deadline, self._t0))
+
+    async def _wait_for_bridge(self) -> None:
+        waiting_from = trio.current_time()
+        with trio.move_on_at(self._conn.started_at + self._config.bridge_timeout):
+            await self._conn.bridged.wait()
+        self.stats.bridge_waited = trio.current_time() - waiting_from
+        self.stats.bridge_seen = self._conn.bridged.is_set()
 
     async def _pace_after_write(self) -> None:
         """Benchmark baseline: write what is due, then sleep one ptime per frame beyond the lead."""

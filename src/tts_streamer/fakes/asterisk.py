@@ -2,7 +2,9 @@
 
 One AsteriskSimulator serves ``/media/<connection_id>`` as Asterisk's HTTP server does and runs each
 accepted connection as a leg: MEDIA_START, a 50 Hz playout clock on Trio's clock (so the autojump clock
-drives it), caller audio once bridged, commands, and hang-up on close. The queue and playout logic is
+drives it), a bridge join some time after the connection, caller audio after the join if the bridge
+sends any (``SimConfig.softmix()``; voipbin's snoop bridge, the default, sends none), commands, and
+hang-up on close. The queue and playout logic is
 the sans-IO Playout in ``asterisk_playout``; this module is the Trio shell around it.
 
 Use it over real TCP with ``serve_asterisk_simulator`` (``nursery.start`` reports the bound port), or
@@ -313,7 +315,7 @@ class _Leg:
             checked = woke
             bridged = call.is_bridged(now)
             self._send(self.playout.tick(now, bridged=bridged, lost=index in config.lost_ticks))
-            if bridged and config.send_caller_audio and call.direction != "out":
+            if config.send_caller_audio and call.direction != "out" and call.hears_caller(now):
                 call.caller_frames_sent += 1
                 self._send([config.caller_frame])
             index += 1

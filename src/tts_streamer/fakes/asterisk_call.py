@@ -19,9 +19,16 @@ class SimConfig:
 
     control_format: ControlFormat = ControlFormat.TEXT
     media_start_extra: Mapping[str, Any] = attrs.field(factory=dict)
-    # None: never bridged by itself; the test calls SimCall.bridge().
-    bridge_delay: float | None = 0.0
-    send_caller_audio: bool = True
+    # The defaults are voipbin's production (chan_websocket.md §8): the leg joins its bridge some time
+    # AFTER the connection (audio played before that goes nowhere: frames_lost_unbridged), and the
+    # bridge (a spy-less snoop in a simple_bridge) sends the leg no caller audio, ever.
+    # Seconds after the connection (MEDIA_START); None: never by itself, the test calls SimCall.bridge().
+    # 20 ms: slower than the 1-7 ms measured with a fast call-manager, as voipbin's broker path is.
+    bridge_delay: float | None = 0.02
+    # True: a softmix bridge, caller frames at 50/s from caller_audio_delay after the join (7-10 ms
+    # measured), also while the other parties are silent. SimConfig.softmix() sets it.
+    send_caller_audio: bool = False
+    caller_audio_delay: float = 0.008
     caller_frame: bytes = bytes([ULAW_SILENCE]) * FRAME_BYTES
     never_send_media_start: bool = False
     close_after: float | None = None  # after MEDIA_START: close 1000, the caller hung up
@@ -37,6 +44,16 @@ class SimConfig:
     # Off: no per-message/per-frame logs, so played_audio() is all silence; counters stay exact.
     # Long benchmarks turn it off to keep memory flat.
     record_frames: bool = True
+
+    @classmethod
+    def softmix(cls, **changes: Any) -> SimConfig:
+        """A leg in a softmix bridge: Asterisk sends it caller frames once joined."""
+        return cls(**{"send_caller_audio": True, **changes})
+
+    @classmethod
+    def snoop(cls, **changes: Any) -> SimConfig:
+        """voipbin's topology (the default): joined after the connection, no caller frames ever."""
+        return cls(**{"send_caller_audio": False, **changes})
 
 
 @attrs.frozen
@@ -163,6 +180,11 @@ class SimCall:
 
     def is_bridged(self, now: float) -> bool:
         return self.bridged_at is not None and now >= self.bridged_at
+
+    def hears_caller(self, now: float) -> bool:
+        """A softmix bridge starts sending the leg caller frames a little after the join."""
+        joined = self.bridged_at
+        return joined is not None and now >= joined + self.config.caller_audio_delay
 
     def event_texts(self, name: str) -> list[str]:
         return [e.text for e in self.events if e.name == name]

@@ -60,6 +60,7 @@ class DaemonConfig:
     delay_exchange: bool = False
     create_timeout: float = 2.5
     call_manager_timeout: float = 3.0
+    flow_manager_timeout: float = 1.0  # runs alongside call-manager's create, inside CREATE_TIMEOUT
     delete_forward_timeout: float = 1.0
     max_text_bytes: int = 5000
     max_message_text_bytes: int = 64 * 1024  # all say_adds of one message; bounds total_message too
@@ -72,6 +73,8 @@ class DaemonConfig:
     lead_frames: int = _SHIPPED_PACING.lead_frames  # one source of truth: PacingConfig's defaults
     frames_per_message: int = _SHIPPED_PACING.frames_per_message
     media_start_timeout: float = 5.0
+    # First audio waits for the bridge join at most this long after MEDIA_START (docs/architecture.md).
+    bridge_wait_ms: int = 200
     admin_socket: str = ""  # empty: $XDG_RUNTIME_DIR/tts-streamer/console.sock or a per-user temp dir
     admin_host: str = ""
     admin_port: int = 0
@@ -126,6 +129,7 @@ class DaemonConfig:
             delay_exchange=get("DELAY_EXCHANGE", d.delay_exchange, _bool),
             create_timeout=get("CREATE_TIMEOUT", d.create_timeout, _positive_float),
             call_manager_timeout=get("CALL_MANAGER_TIMEOUT", d.call_manager_timeout, _positive_float),
+            flow_manager_timeout=get("FLOW_MANAGER_TIMEOUT", d.flow_manager_timeout, _positive_float),
             delete_forward_timeout=get("DELETE_FORWARD_TIMEOUT", d.delete_forward_timeout, _positive_float),
             max_text_bytes=get("MAX_TEXT_BYTES", d.max_text_bytes, _positive_int),
             max_message_text_bytes=get("MAX_MESSAGE_TEXT_BYTES", d.max_message_text_bytes, _positive_int),
@@ -138,6 +142,7 @@ class DaemonConfig:
             lead_frames=get("PACING_LEAD_FRAMES", d.lead_frames, _non_negative_int),
             frames_per_message=get("FRAMES_PER_MESSAGE", d.frames_per_message, _positive_int),
             media_start_timeout=get("MEDIA_START_TIMEOUT", d.media_start_timeout, _positive_float),
+            bridge_wait_ms=get("BRIDGE_WAIT_MS", d.bridge_wait_ms, _non_negative_int),
             admin_socket=get("ADMIN_SOCKET", d.admin_socket, str),
             admin_host=get("ADMIN_HOST", d.admin_host, str),
             admin_port=get("ADMIN_PORT", d.admin_port, _non_negative_int),

@@ -22,6 +22,7 @@ from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, w
 from tts_streamer.adapters.engines import warm_engines
 from tts_streamer.adapters.speaking_store import open_speaking_store
 from tts_streamer.adapters.voice import VoiceEngine
+from tts_streamer.adapters.voipbin.flow_manager import FlowManager
 from tts_streamer.supervisor.amqp_bridge import (
     AmqpBridge,
     ExchangeSpec,
@@ -166,7 +167,11 @@ async def run_daemon(
     shutdown = trio.Event()
     session_config = SessionConfig(
         timeouts=MediaTimeouts(media_start=config.media_start_timeout),
-        pacing=PacingConfig(lead_frames=config.lead_frames, frames_per_message=config.frames_per_message),
+        pacing=PacingConfig(
+            lead_frames=config.lead_frames,
+            frames_per_message=config.frames_per_message,
+            bridge_timeout=config.bridge_wait_ms / 1000,
+        ),
         max_text_bytes=config.max_text_bytes,
         max_message_text_bytes=config.max_message_text_bytes,
         command_timeout=config.command_timeout,
@@ -232,6 +237,7 @@ async def run_daemon(
                             create_timeout=config.create_timeout,
                             max_text_bytes=config.max_text_bytes,
                             metrics=metrics,
+                            flow_manager=FlowManager(bridge, config.flow_manager_timeout),
                         )
                         bus.add_listener(streamings.on_session_event)
                         speakings = SpeakingService(

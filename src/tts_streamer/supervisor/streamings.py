@@ -30,6 +30,7 @@ from tts_streamer.actors.session import Session, SessionStartError
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.adapters.voipbin import envelope, models
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
+from tts_streamer.adapters.voipbin.flow_manager import FlowManager, look_up_flow_voice
 from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
 from tts_streamer.supervisor.call_manager import (
@@ -101,8 +102,10 @@ class StreamingService:
         create_timeout: float = 2.5,
         max_text_bytes: int = 5000,
         metrics: Metrics | None = None,
+        flow_manager: FlowManager | None = None,
     ) -> None:
         self.streamings: dict[uuid.UUID, StreamingState] = {}
+        self._flow_manager = flow_manager
         self._supervisor = supervisor
         self._call_manager = call_manager
         self._publisher = publisher
@@ -188,6 +191,14 @@ class StreamingService:
         state = StreamingState(model, wire_message_id=wire_message_id)
         self.streamings[streaming_id] = state
         self._event(EventType.STREAMING_CREATED, model)
+        flow_voice = look_up_flow_voice(  # concurrently with call-manager's create
+            self._nursery,
+            self._flow_manager,
+            streaming_id,
+            request.activeflow_id,
+            voice_id,
+            self._supervisor.engines.get(engine or self._supervisor.default_engine),
+        )
         media_created = False
         call_manager_unanswered = True  # until it answers, it may still create the external media
         failure: Response = envelope.plain_error(500)
@@ -209,7 +220,9 @@ class StreamingService:
                 )
                 media_created, call_manager_unanswered = True, False
                 voice = VoiceSpec(
-                    language=request.language or "en-US", gender=request.gender, voice_id=voice_id
+                    language=request.language or "en-US",
+                    gender=request.gender,
+                    voice_id=voice_id or await flow_voice.get(),
                 )
                 state.session = await self._supervisor.start_session(
                     str(streaming_id), media.media_uri, voice=voice, engine=engine

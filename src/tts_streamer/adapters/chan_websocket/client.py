@@ -87,10 +87,14 @@ class MediaConnection:
         self, ws: trio_websocket.WebSocketConnection, media_start: MediaStart, timeouts: MediaTimeouts
     ) -> None:
         self.media_start = media_start
+        # When MEDIA_START arrived (Trio's clock): the leg cannot join its bridge before this.
+        self.started_at = trio.current_time()
         self.stats = ConnectionStats()
         self._ws = ws
         self._timeouts = timeouts
         self._events_send, self.events = trio.open_memory_channel[ControlEvent](64)
+        # Set by the first caller frame: Asterisk sends none while unbridged. Its absence proves
+        # nothing (voipbin's snoop bridge never sends any), so waiting on it must be bounded.
         self.bridged = trio.Event()
         self._resumed = trio.Event()
         self._resumed.set()
@@ -139,7 +143,7 @@ class MediaConnection:
                 message = await self._ws.get_message()
                 if isinstance(message, bytes):
                     self.stats.caller_frames_received += 1
-                    # Asterisk sends caller media only once the leg is bridged: audio before is lost.
+                    # Asterisk sends caller media only once the leg is bridged (chan_websocket.md §8).
                     self.bridged.set()
                 else:
                     self._handle_text(message)
