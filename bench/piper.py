@@ -185,7 +185,7 @@ async def main(args: argparse.Namespace) -> None:
     print()
     print(
         "| mode | streams | lateness p50 ms | p99 ms | max ms | first audio p50 ms | p95 ms |"
-        " gap s per stream-minute | CPU cores |"
+        " gap s per stream-minute | CPU cores (this process) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     process = ProcessPiper(args.workers) if "process" in args.modes else None

@@ -22,7 +22,7 @@ from tts_streamer.adapters.piper import FIRST_CHUNK_WORDS, MAX_CHUNK_CHARS, Pipe
 from tts_streamer.adapters.piper_model import JobCancelled, PiperModel, SynthJob, piper_unavailable_reason
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.vendor_stream import split_under
-from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
+from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
 from tts_streamer.fakes.asterisk import AsteriskSimulator
 
 SKIP_REASON = "the piper extra is not installed (pip install 'tts-streamer[piper]')"
@@ -162,7 +162,9 @@ async def test_a_session_over_capacity_gets_a_voice_fallback_event(nursery, auto
 
 
 def test_build_engines_registers_piper_with_its_settings_or_says_why_not(monkeypatch) -> None:
-    engines, unavailable = build_engines({"PIPER_MAX_STREAMS": "3", "PIPER_WORKERS": "1"})
+    engines, unavailable = build_engines(
+        {"PIPER_MAX_STREAMS": "3", "PIPER_WORKERS": "1", "PIPER_PRELOAD": "0"}
+    )
     if piper_unavailable_reason() is None:
         engine = engines["piper"]
         assert isinstance(engine, PiperEngine) and "piper" not in unavailable
@@ -183,6 +185,16 @@ def test_build_engines_registers_piper_with_its_settings_or_says_why_not(monkeyp
     assert unavailable["piper"] == "piper-tts is not installed (pip install 'tts-streamer[piper]')"
 
 
+async def test_a_model_that_fails_to_load_is_a_voice_error_and_is_retried() -> None:
+    engine = PiperEngine(model_path="/nonexistent/voice.onnx")
+    engine.preload()
+    for _ in range(2):  # the failure is not cached: the next utterance tries again
+        with trio.fail_after(10), pytest.raises(VoiceError) as caught:
+            async with engine.open_stream(VoiceSpec()):
+                pass
+        assert caught.value.kind == "init" and engine.open_streams == 0
+
+
 # --- the real model ---------------------------------------------------------------------------------
 
 
@@ -200,6 +212,14 @@ def piper_model() -> Iterator[PiperModel]:
 @pytest.fixture
 async def engine(piper_model: PiperModel) -> AsyncIterator[PiperEngine]:
     yield PiperEngine(model=piper_model)
+
+
+async def test_preload_loads_the_shared_model_in_the_background(piper_model: PiperModel) -> None:
+    engine = PiperEngine()  # the default voice and workers: the session's model
+    engine.preload()
+    with trio.fail_after(30):
+        assert await engine.start() is piper_model
+    assert engine.model is piper_model
 
 
 def _rms(audio: bytes) -> float:

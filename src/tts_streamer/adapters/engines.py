@@ -261,7 +261,7 @@ def _fallback(
 
 
 def _piper(env: Mapping[str, str], overflow: VoiceEngine) -> tuple[VoiceEngine | None, str]:
-    """Piper when its extra is installed; the model loads on first use (or when the daemon warms it)."""
+    """Piper when its extra is installed; its model starts loading in a background thread now."""
     from tts_streamer.adapters.piper_model import piper_unavailable_reason
 
     model = env.get("PIPER_MODEL", "").strip() or None
@@ -277,4 +277,6 @@ def _piper(env: Mapping[str, str], overflow: VoiceEngine) -> tuple[VoiceEngine |
         max_streams=int(_float(env, "PIPER_MAX_STREAMS", DEFAULT_MAX_STREAMS)),
         overflow=overflow,
     )
+    if env.get("PIPER_PRELOAD", "1").strip().lower() in _TRUE:
+        engine.preload()  # in a thread: the first Piper call must not wait for the model
     return engine, ""

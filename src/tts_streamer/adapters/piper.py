@@ -18,6 +18,7 @@ vendors.md §5); past ``max_streams`` open streams a new utterance is spoken by 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
@@ -253,7 +254,7 @@ class PiperEngine:
         self.overflow = overflow
         self.overflowed = 0  # utterances handed to the overflow engine
         self._streams: set[PiperStream] = set()
-        self._load_lock = trio.Lock()
+        self._loading: Future[SynthBackend] | None = None
 
     @property
     def open_streams(self) -> int:
@@ -263,15 +264,42 @@ class PiperEngine:
     def model(self) -> SynthBackend | None:
         return self._model
 
+    def preload(self) -> None:
+        """Start loading the model in a background thread (at daemon start-up), so that the first call
+        does not wait for it (0.7-1 s idle, seconds on a busy machine). Safe to call again."""
+        if self._model is not None or self._loading is not None:
+            return
+        loading: Future[SynthBackend] = Future()
+        self._loading = loading
+
+        def load() -> None:
+            try:
+                loading.set_result(self._load())
+            except BaseException as exc:  # start() awaits this future: it must always be answered
+                loading.set_exception(exc)
+
+        threading.Thread(target=load, name="piper-load", daemon=True).start()
+
     async def start(self) -> SynthBackend:
-        """Load the model (in a thread; ~0.7 s the first time in a process). Raises VoiceError."""
+        """Wait for the model, loading it if ``preload`` has not. Raises VoiceError."""
         if self._model is not None:
             await trio.lowlevel.checkpoint()
             return self._model
-        async with self._load_lock:
-            if self._model is None:
-                self._model = await trio.to_thread.run_sync(self._load)
-            return self._model
+        self.preload()
+        loading = self._loading
+        assert loading is not None
+        try:
+            model = await _wait_future(loading)
+        except VoiceError:
+            if self._loading is loading:
+                self._loading = None  # the next utterance tries again
+            raise
+        except Exception as exc:
+            if self._loading is loading:
+                self._loading = None
+            raise VoiceError(f"piper model failed to load: {exc!r}", kind="init") from exc
+        self._model = model
+        return model
 
     def _load(self) -> PiperModel:
         model_path, config_path = self._model_path, self._config_path
