@@ -70,6 +70,7 @@ class InstantModel:
 
     sample_rate = 8000
     length_scale = 1.0
+    language = "en-us"
 
     def __init__(self) -> None:
         self.texts: list[str] = []
@@ -80,8 +81,12 @@ class InstantModel:
 
 
 async def _speak(engine: VoiceEngine, text: str) -> tuple[bytes, Any]:
+    return await _speak_as(engine, text, VoiceSpec())
+
+
+async def _speak_as(engine: VoiceEngine, text: str, voice: VoiceSpec) -> tuple[bytes, Any]:
     with trio.fail_after(20):
-        async with engine.open_stream(VoiceSpec()) as stream:
+        async with engine.open_stream(voice) as stream:
             await stream.send_text(text)
             await stream.end_input()
             audio = b"".join([chunk async for chunk in stream.audio()])
@@ -128,6 +133,30 @@ async def test_past_capacity_an_utterance_is_spoken_by_the_overflow_engine(autoj
     audio, stream = await _speak(engine, "back on piper")
     assert stream.spoken_by == ["piper"] and not hasattr(stream, "switches")
     assert engine.overflowed == 1 and engine.open_streams == 0
+
+
+async def test_a_language_the_piper_voice_does_not_speak_goes_to_the_overflow_engine(autojump_clock) -> None:
+    overflow = SyntheticEngine(name="espeak", seconds_per_char=0.06)
+    engine = PiperEngine(model=InstantModel(), overflow=overflow)
+    _audio, stream = await _speak_as(engine, "Guten Tag.", VoiceSpec(language="de-DE"))
+    assert stream.spoken_by == ["espeak"] and stream.switches[0].kind == "language"
+    for language in ("en-GB", "en_us", ""):
+        _audio, stream = await _speak_as(engine, "Hello.", VoiceSpec(language=language))
+        assert stream.spoken_by == ["piper"]
+
+
+async def test_streams_still_opening_hold_their_slot(autojump_clock) -> None:
+    overflow = SyntheticEngine(name="espeak", seconds_per_char=0.06)
+    engine = PiperEngine(model=InstantModel(), max_streams=2, overflow=overflow)
+    spoken: list[list[str]] = []
+
+    async def one() -> None:
+        spoken.append((await _speak(engine, "at once"))[1].spoken_by)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)  # all three open before any has passed start()
+    assert sorted(spoken) == [["espeak"], ["piper"], ["piper"]]
 
 
 async def test_without_an_overflow_engine_piper_takes_every_utterance(autojump_clock) -> None:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Protocol, TypeVar
 
 import attrs
@@ -64,6 +64,9 @@ class SynthBackend(Protocol):
 
     @property
     def length_scale(self) -> float: ...
+
+    @property
+    def language(self) -> str: ...
 
     def submit(self, job: SynthJob) -> None: ...
 
@@ -255,6 +258,7 @@ class PiperEngine:
         self.overflowed = 0  # utterances handed to the overflow engine
         self._streams: set[PiperStream] = set()
         self._loading: Future[SynthBackend] | None = None
+        self._opening = 0  # streams waiting for the model: they hold a slot already
 
     @property
     def open_streams(self) -> int:
@@ -310,36 +314,47 @@ class PiperEngine:
             model_path, config_path = default_model_paths()
         return shared_model(model_path, config_path or f"{model_path}.json", workers=self.workers)
 
-    def open_stream(self, voice: VoiceSpec) -> AbstractAsyncContextManager[VoiceStream]:
-        if self.overflow is not None and len(self._streams) >= self.max_streams:
-            return self._open_overflow(voice)
-        return self._open_piper(voice)
-
     @asynccontextmanager
-    async def _open_piper(self, voice: VoiceSpec) -> AsyncIterator[VoiceStream]:
-        model = await self.start()
-        stream = PiperStream(self, model, voice)
-        self._streams.add(stream)
+    async def open_stream(self, voice: VoiceSpec) -> AsyncIterator[VoiceStream]:
+        overflow = self.overflow
+        held = len(self._streams) + self._opening  # slots taken, counting streams still being opened
+        if overflow is not None and held >= self.max_streams:
+            reason = f"piper at capacity ({held} of {self.max_streams} streams)"
+            async with self._open_overflow(overflow, voice, "capacity", reason) as stream:
+                yield stream
+            return
+        self._opening += 1
+        try:
+            model = await self.start()
+        finally:
+            self._opening -= 1
+        if overflow is not None and not _same_language(voice.language, model.language):
+            reason = f"the piper voice speaks {model.language}, not {voice.language}"
+            async with self._open_overflow(overflow, voice, "language", reason) as stream:
+                yield stream
+            return
+        piper = PiperStream(self, model, voice)
+        self._streams.add(piper)
         try:
             async with background_nursery("piper") as nursery:
-                nursery.start_soon(guarded, stream.pipe, stream._drive, "piper", name="piper-drive")
+                nursery.start_soon(guarded, piper.pipe, piper._drive, "piper", name="piper-drive")
                 try:
-                    yield stream
+                    yield piper
                 finally:
-                    stream._close()  # never waits: a running chunk stops inside onnxruntime on its own
+                    piper._close()  # never waits: a running chunk stops inside onnxruntime on its own
         finally:
-            self._streams.discard(stream)
+            self._streams.discard(piper)
 
     @asynccontextmanager
-    async def _open_overflow(self, voice: VoiceSpec) -> AsyncIterator[VoiceStream]:
-        assert self.overflow is not None
+    async def _open_overflow(
+        self, overflow: VoiceEngine, voice: VoiceSpec, kind: str, reason: str
+    ) -> AsyncIterator[VoiceStream]:
         self.overflowed += 1
-        reason = f"piper at capacity ({len(self._streams)} of {self.max_streams} streams)"
-        log.warning("%s: utterance spoken by %s", reason, self.overflow.name)
+        log.warning("%s: utterance spoken by %s", reason, overflow.name)
         switch = VendorSwitch(
             from_vendor=self.name,
-            to_vendor=self.overflow.name,
-            kind="capacity",
+            to_vendor=overflow.name,
+            kind=kind,
             reason=reason,
             resumed_at=0,
             units=0,
@@ -347,5 +362,11 @@ class PiperEngine:
             at=trio.current_time(),
         )
         # A Piper voice id means nothing to the overflow engine: it speaks its default for the language.
-        async with self.overflow.open_stream(attrs.evolve(voice, voice_id="")) as inner:
-            yield _OverflowStream(inner, switch, self.overflow.name)
+        async with overflow.open_stream(attrs.evolve(voice, voice_id="")) as inner:
+            yield _OverflowStream(inner, switch, overflow.name)
+
+
+def _same_language(requested: str, spoken: str) -> bool:
+    """``en-US``, ``en_gb`` and ``en`` all match an ``en`` voice; no language asked for matches any."""
+    primary = requested.replace("_", "-").split("-")[0].strip().lower()
+    return not primary or primary == spoken.replace("_", "-").split("-")[0].lower()

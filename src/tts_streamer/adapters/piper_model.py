@@ -113,6 +113,7 @@ class PiperModel:
         self.name = name
         self.sample_rate: int = int(voice.config.sample_rate)
         self.length_scale: float = float(voice.config.length_scale)
+        self.language: str = str(voice.config.espeak_voice or "en")  # e.g. "en-us"
         self.workers = workers
         self.stats = ModelStats()
         self._cond = threading.Condition()
