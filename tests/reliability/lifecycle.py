@@ -211,7 +211,10 @@ async def open_keeping_client(connection: AbstractRobustConnection) -> AsyncIter
             await aio(channel.close)()
 
 
-RSS_GROWTH_BOUND = 12 * 2**20  # the unbounded daemon grew 17 MiB over this flood (issue 14 §5)
+# After warm-up (the first third of the large say_adds): the unbounded daemon kept every text (14.9 MB
+# here); a bounded one reaches its allocator's high-water mark early (some 14 MiB on the first
+# thousand 4.9 KB requests, measured) and then stays flat.
+RSS_GROWTH_BOUND = 8 * 2**20
 
 
 async def say_add_flood(settings: Settings) -> Row:
@@ -225,8 +228,8 @@ async def say_add_flood(settings: Settings) -> Row:
     message_too_long or busy); + none refused at all (nothing bounded the message); + say_stop not
     answered 200, or the flooded message's message_play_finished missing, or its total_message empty
     or over MAX_MESSAGE_TEXT_BYTES; + the neighbour's message not played to its end, or with
-    underruns; + the daemon's RSS growing by
-    more than 12 MiB over the flood; + streaming_deleted not exactly once after the DELETEs.
+    underruns; + the daemon's RSS growing by more than 8 MiB after warm-up (the first third of the
+    large say_adds); + streaming_deleted not exactly once after the DELETEs.
     """
     small, large = (300, 40) if settings.quick else (10_000, 3_000)
     row = Row("say_add flood", f"{small} x 18 B + {large} x 4,900 B say_adds to one message", 2)
@@ -241,24 +244,32 @@ async def say_add_flood(settings: Settings) -> Row:
             message_id = await say(rig, flooded, "start. ", finish=False)
             rss_before = daemon.rss_kib() * 1024
             errors_before = (await daemon.metrics()).get("tts_streamer_command_errors_total", 0.0)
-            texts = ["flood flood flood "] * small + [("x" * 48 + " ") * 98] * large
+            small_texts = ["flood flood flood "] * small
+            large_texts = [("x" * 48 + " ") * 98] * large
             uri = f"/v1/streamings/{flooded}/say_add"
-            examples = [
-                (_render(uri, {"message_id": message_id, "text": text}), True, False) for text in texts
-            ]
+            warm = large // 3  # RSS settles once the large bodies have been through (allocator high-water)
+            phases = [small_texts, large_texts[:warm], large_texts[warm:]]
+            rss: list[int] = []
+            outcomes: dict[str, int] = {}
             started = time.monotonic()
             # One channel and reply queue for the whole flood (the per-request caller cannot do 13,000).
             async with open_keeping_client(rig.caller.connection) as client:
-                sent = await client.send_examples(examples, rig.pod_queue(), FLOOD_IN_FLIGHT)
-                with trio.move_on_after(30):
-                    await client.wait_replies(len(sent))
-                flood_took = time.monotonic() - started
-                outcomes: dict[str, int] = {}
-                for correlation_id in sent:
-                    raw = client.bodies.get(correlation_id)
-                    kind = _refusal(envelope.parse_response(raw) if raw is not None else None)
-                    outcomes[kind] = outcomes.get(kind, 0) + 1
-            rss_after = daemon.rss_kib() * 1024
+                for texts in phases:
+                    examples = [
+                        (_render(uri, {"message_id": message_id, "text": text}), True, False)
+                        for text in texts
+                    ]
+                    client.bodies.clear()
+                    client.replies.clear()
+                    sent = await client.send_examples(examples, rig.pod_queue(), FLOOD_IN_FLIGHT)
+                    with trio.move_on_after(30):
+                        await client.wait_replies(len(sent))
+                    for correlation_id in sent:
+                        raw = client.bodies.get(correlation_id)
+                        kind = _refusal(envelope.parse_response(raw) if raw is not None else None)
+                        outcomes[kind] = outcomes.get(kind, 0) + 1
+                    rss.append(daemon.rss_kib() * 1024)
+            flood_took = time.monotonic() - started
             bad = {k: n for k, n in outcomes.items() if k not in {"ok", "500"}}
             row.lose(f"say_adds unanswered or refused otherwise: {bad}", sum(bad.values()))
             # Go's client sees a plain 500 for a refusal; the daemon counts each by its kind.
@@ -291,10 +302,11 @@ async def say_add_flood(settings: Settings) -> Row:
             ]
             row.lose("neighbour's message cut short", len(short))
             row.lose("neighbour underruns", rig.sim_call_for(neighbour).underruns)
-    growth = rss_after - rss_before
-    row.lose(f"RSS grew {growth / 2**20:.1f} MiB", growth > RSS_GROWTH_BOUND)
+    growth = rss[-1] - rss[1]
+    row.lose(f"RSS grew {growth / 2**20:.1f} MiB after warm-up", growth > RSS_GROWTH_BOUND)
+    mib = " -> ".join(f"{value / 2**20:.0f}" for value in [rss_before, *rss])
     row.figures = (
-        f"{len(texts)} say_adds in {flood_took:.1f} s: {dict(sorted(outcomes.items()))}; "
-        f"total_message {total} B; RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+        f"{small + large} say_adds in {flood_took:.1f} s: {dict(sorted(outcomes.items()))}; "
+        f"total_message {total} B; RSS {mib} MiB (start, small done, {warm} large, all)"
     )
     return row
