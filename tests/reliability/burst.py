@@ -7,65 +7,20 @@ queue by callers that had given up were executed by the next pod that consumed i
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aio_pika
-import attrs
 import trio
-import trio_asyncio
-from aio_pika.abc import AbstractIncomingMessage
 
 from tests.amqp_support import Rig, open_rig, run_pod
-from tests.reliability.common import CREATE_DEADLINE, Row, Settings, create_body
-from tts_streamer.adapters.voipbin import envelope
+from tests.reliability.common import CREATE_DEADLINE, Row, Settings, broker_url, create_body
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
-
-
-@attrs.define
-class Burst:
-    """One channel, one reply queue, no confirms: publishes as fast as the broker takes it, and keeps
-    the time of every publish and reply (``time.monotonic``, the clock the rig's daemon runs on too)."""
-
-    channel: Any
-    reply_queue: str
-    published: dict[str, float] = attrs.field(factory=dict)
-    replies: dict[str, list[tuple[float, int]]] = attrs.field(factory=dict)
-
-    def on_reply(self, message: AbstractIncomingMessage) -> None:
-        status = envelope.parse_response(message.body).status_code
-        self.replies.setdefault(message.correlation_id or "?", []).append((time.monotonic(), status))
-
-    async def send(self, queue: str, uri: str, data: Any, correlation_id: str) -> None:
-        body = envelope.render_request(envelope.make_request(uri, "POST", data, publisher="burst"))
-        message = aio_pika.Message(
-            body, content_type="text/plain", correlation_id=correlation_id, reply_to=self.reply_queue
-        )
-        self.published[correlation_id] = time.monotonic()
-        await trio_asyncio.aio_as_trio(self.channel.default_exchange.publish)(message, routing_key=queue)
-
-
-@asynccontextmanager
-async def open_burst(connection: Any) -> AsyncIterator[Burst]:
-    aio = trio_asyncio.aio_as_trio
-    channel = await aio(connection.channel)(publisher_confirms=False)
-    try:
-        queue = await aio(channel.declare_queue)(exclusive=True, auto_delete=True)
-        burst = Burst(channel, queue.name)
-
-        async def on_reply(message: AbstractIncomingMessage) -> None:
-            burst.on_reply(message)
-
-        await aio(queue.consume)(on_reply, no_ack=True)
-        yield burst
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await aio(channel.close)()
 
 
 async def create_on(rig: Rig) -> Response:
@@ -119,24 +74,35 @@ async def request_burst(settings: Settings) -> Row:
                     message_ids[sid] = str(uuid.uuid4())
                     data = {"message_id": message_ids[sid]}
                     await _setup(lambda: rig.streaming(sid, "say_init", data))  # noqa: B023
-                async with open_burst(rig.caller.connection) as burst:
-                    for i in range(burst_size):
-                        sid = sids[i % n]
-                        data = {"message_id": message_ids[sid], "text": f"w{i}"}
-                        await burst.send(
-                            pod.handle.config.pod_queue, f"/v1/streamings/{sid}/say_add", data, str(i)
-                        )
-                    last = time.monotonic()
-                    # Everything the daemon will ever start or answer does so within the TTL plus its
-                    # local budget; wait that and a margin.
-                    await trio.sleep(max(0.0, last + CREATE_DEADLINE + 2.0 - time.monotonic()))
-                    stats = pod.handle.plane.stats
-                    not_started = dict(stats.not_started)
-                    media = set(rig.call_manager.created)
-                    created_events = rig.caller.of(EventType.STREAMING_CREATED)
-                    for sid in sids:
-                        await rig.request(SHARED_QUEUE, f"/v1/streamings/{sid}", "DELETE")
-            published, replies = burst.published, burst.replies
+                plan = []
+                for i in range(burst_size):
+                    sid = sids[i % n]
+                    plan.append(
+                        [f"/v1/streamings/{sid}/say_add", {"message_id": message_ids[sid], "text": f"w{i}"}]
+                    )
+                # Everything the daemon will ever start or answer does so within the callers' timeout
+                # after the last publish; linger that and a margin.
+                result = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.reliability.burst_sender",
+                        broker_url(),
+                        pod.handle.config.pod_queue,
+                        str(CREATE_DEADLINE + 2.0),
+                    ],
+                    stdin=json.dumps(plan).encode(),
+                    capture_stdout=True,
+                )
+                sent = json.loads(result.stdout)
+                stats = pod.handle.plane.stats
+                not_started = dict(stats.not_started)
+                media = set(rig.call_manager.created)
+                created_events = rig.caller.of(EventType.STREAMING_CREATED)
+                for sid in sids:
+                    await rig.request(SHARED_QUEUE, f"/v1/streamings/{sid}", "DELETE")
+    published: dict[str, float] = sent["published"]
+    replies: dict[str, list[list[float]]] = sent["replies"]
     delays = []
     late = twice = 0
     for i in range(burst_size):
@@ -151,7 +117,7 @@ async def request_burst(settings: Settings) -> Row:
     row.lose("say_adds answered twice", sum(1 for r in replies.values() if len(r) > 1))
     row.lose("external medias created for abandoned creates", len(media) - n)
     row.lose("streaming_created for abandoned creates", len(created_events) - n)
-    answered = {c: r[0] for c, r in replies.items()}
+    answered = {c: (r[0][0], int(r[0][1])) for c, r in replies.items()}
     ok = [c for c, (_, status) in answered.items() if status == 200]
     on_time = [c for c in ok if answered[c][0] - published[c] < CREATE_DEADLINE]
     late_replies = [c for c, (t, _) in answered.items() if t - published[c] >= CREATE_DEADLINE]
