@@ -272,3 +272,13 @@ async def test_any_flow_manager_failure_falls_back_to_the_requests_voice(
     # timeout would have run the create past its 2.5 s budget and rolled it back.
     warnings = [r.getMessage() for r in caplog.records if "flow variables" in r.getMessage()]
     assert len(warnings) == 1 and f"streaming={sid}" in warnings[0]
+
+
+@pytest.mark.realtime
+async def test_the_daemon_wires_its_settings() -> None:
+    """BRIDGE_WAIT_MS reaches the sessions' pacing; FLOW_MANAGER_TIMEOUT the flow-manager client."""
+    with trio.fail_after(20):
+        async with rig_with_flow_manager(bridge_wait_ms=750, flow_manager_timeout=0.3) as (rig, _fm, _e):
+            assert rig.daemon.supervisor.config.pacing.bridge_timeout == 0.75
+            client = rig.daemon.streamings._flow_manager
+            assert client is not None and client.timeout == 0.3
