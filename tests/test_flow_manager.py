@@ -18,7 +18,8 @@ import pytest
 import trio
 
 from tests.amqp_support import Rig, open_rig
-from tests.services import RABBITMQ_URL, require_rabbitmq
+from tests.amqp_vhost import private_amqp_url
+from tests.services import require_rabbitmq
 from tts_streamer.adapters.fallback import FallbackEngine
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceSpec
@@ -40,6 +41,7 @@ from tts_streamer.supervisor.config import DaemonConfig
 FLOW = uuid.UUID("a620206c-87c4-11f0-a781-8f2bff99c0ea")
 SID = uuid.UUID("b6dcbc72-5af5-11f0-b0a7-fbe8aae41529")
 GCP_VOICE = "ja-JP-Chirp3-HD-Kore"
+__all__ = ["private_amqp_url"]  # imported so this module's rigs run in a private vhost
 ELEVENLABS_VOICE = "21m00Tcm4TlvDq8ikWAM"  # 20 characters, as ElevenLabs voice ids are
 
 
@@ -192,12 +194,12 @@ class VoiceRecordingEngine(SyntheticEngine):
 
 @asynccontextmanager
 async def rig_with_flow_manager(
-    **config: Any,
+    url: str, **config: Any
 ) -> AsyncIterator[tuple[Rig, FakeFlowManager, VoiceRecordingEngine]]:
     require_rabbitmq()
     engine = VoiceRecordingEngine(name="gcp", seconds_per_char=0.01, speed=4.0)
     # flow-manager's queue exists before the daemon's first request, as in production.
-    async with open_fake_flow_manager(RABBITMQ_URL) as fm, open_rig(engine=engine, **config) as rig:
+    async with open_fake_flow_manager(url) as fm, open_rig(engine=engine, **config) as rig:
         yield rig, fm, engine
 
 
@@ -228,9 +230,9 @@ async def speak_once(rig: Rig, activeflow: uuid.UUID | None) -> tuple[str, float
 
 
 @pytest.mark.realtime
-async def test_the_flows_voice_variable_picks_the_streamings_voice() -> None:
+async def test_the_flows_voice_variable_picks_the_streamings_voice(private_amqp_url: str) -> None:
     with trio.fail_after(20):
-        async with rig_with_flow_manager() as (rig, fm, engine):
+        async with rig_with_flow_manager(private_amqp_url) as (rig, fm, engine):
             fm.variables[FLOW] = {"voipbin.tts.gcp.voice_id": GCP_VOICE, "voipbin.tts.aws.voice_id": "Mizuki"}
             await speak_once(rig, FLOW)
             await engine.wait_for_voices(1)
@@ -256,11 +258,11 @@ async def test_the_flows_voice_variable_picks_the_streamings_voice() -> None:
 @pytest.mark.realtime
 @pytest.mark.parametrize("mode", ["silent", "error500", "typed_error", "garbage", "unknown_flow"])
 async def test_any_flow_manager_failure_falls_back_to_the_requests_voice(
-    mode: str, caplog: pytest.LogCaptureFixture
+    mode: str, caplog: pytest.LogCaptureFixture, private_amqp_url: str
 ) -> None:
     timeout = 0.4
     with trio.fail_after(20), caplog.at_level(logging.WARNING):
-        async with rig_with_flow_manager(flow_manager_timeout=timeout) as (rig, fm, engine):
+        async with rig_with_flow_manager(private_amqp_url, flow_manager_timeout=timeout) as (rig, fm, engine):
             if mode != "unknown_flow":
                 fm.mode = mode
                 fm.variables[FLOW] = {"voipbin.tts.gcp.voice_id": GCP_VOICE}
@@ -272,3 +274,17 @@ async def test_any_flow_manager_failure_falls_back_to_the_requests_voice(
     # timeout would have run the create past its 2.5 s budget and rolled it back.
     warnings = [r.getMessage() for r in caplog.records if "flow variables" in r.getMessage()]
     assert len(warnings) == 1 and f"streaming={sid}" in warnings[0]
+
+
+@pytest.mark.realtime
+async def test_the_daemon_wires_its_settings(private_amqp_url: str) -> None:
+    """BRIDGE_WAIT_MS reaches the sessions' pacing; FLOW_MANAGER_TIMEOUT the flow-manager client."""
+    with trio.fail_after(20):
+        async with rig_with_flow_manager(private_amqp_url, bridge_wait_ms=750, flow_manager_timeout=0.3) as (
+            rig,
+            _fm,
+            _e,
+        ):
+            assert rig.daemon.supervisor.config.pacing.bridge_timeout == 0.75
+            client = rig.daemon.streamings._flow_manager
+            assert client is not None and client.timeout == 0.3

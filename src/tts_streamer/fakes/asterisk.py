@@ -4,8 +4,8 @@ One AsteriskSimulator serves ``/media/<connection_id>`` as Asterisk's HTTP serve
 accepted connection as a leg: MEDIA_START, a 50 Hz playout clock on Trio's clock (so the autojump clock
 drives it), a bridge join some time after the connection, caller audio after the join if the bridge
 sends any (``SimConfig.softmix()``; voipbin's snoop bridge, the default, sends none), commands, and
-hang-up on close. The queue and playout logic is
-the sans-IO Playout in ``asterisk_playout``; this module is the Trio shell around it.
+hang-up on close. The queue and playout logic is the sans-IO Playout in ``asterisk_playout``; this
+module is the Trio shell around it.
 
 Use it over real TCP with ``serve_asterisk_simulator`` (``nursery.start`` reports the bound port), or
 in memory with ``memory_dialer``, which has the shape of ``trio_websocket.open_websocket_url``.
