@@ -5,9 +5,9 @@ of async handlers, so other endpoints (file serving, say) can be added as routes
 bounded in time at every step: a new connection must send its whole request head within ``header``
 seconds, a kept-alive one must begin its next request within ``idle``, then the request must be in
 within ``request``; the handler and every write are bounded too, and a request body in size. At the
-connection limit the longest-idle connection without a complete request is closed to make room
-(supervisor/http_slots.py), so idle or trickling clients cannot starve the probes. HEAD is answered for
-every GET route.
+connection limit the longest-idle connection without a complete request (else a write stalled on a
+client that does not read) is closed to make room (supervisor/http_slots.py), so idle, trickling or
+non-reading clients cannot starve the probes. HEAD is answered for every GET route.
 """
 
 from __future__ import annotations
