@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -231,6 +232,72 @@ async def test_when_every_connection_is_being_answered_a_new_one_waits(nursery, 
     await waiting.admitted.wait()
     assert first.received.endswith(b"released\n") and second.received.endswith(b"released\n")
     assert server.slots.taken == 2 and server.slots.shed_total == 1
+
+
+async def test_a_write_stalled_past_the_grace_makes_room_when_nothing_is_idle(nursery, autojump_clock):
+    gate = trio.Event()
+    server = gated_server(2, gate)  # write timeout 100 s; the stall grace is 1 s
+    # A client that never reads: its response write blocks (a lockstep stream buffers nothing).
+    stalled, stalled_end = trio.testing.lockstep_stream_pair()
+    stalled_done = trio.Event()
+
+    async def serve_stalled() -> None:
+        await server.slots.acquire()
+        try:
+            await server.handle_connection(stalled_end)
+        finally:
+            server.slots.release()
+            stalled_done.set()
+
+    nursery.start_soon(serve_stalled)
+    await stalled.send_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+    held = Client(server, nursery)
+    await held.admitted.wait()
+    await held.get("/held")  # busy in its handler: never closed to make room
+    await trio.sleep(0.5)
+    start = trio.current_time()
+    newcomer = Client(server, nursery)
+    await newcomer.admitted.wait()
+    assert stalled_done.is_set() and not held.closed.is_set()
+    assert trio.current_time() - start == pytest.approx(0.5)  # the stall reached the 1 s grace
+    await newcomer.get("/live")
+    await trio.sleep(1)
+    assert b"HTTP/1.1 200 " in newcomer.received
+    gate.set()
+    await trio.sleep(1)
+    assert held.received.endswith(b"released\n")
+
+
+@pytest.mark.realtime
+async def test_clients_that_do_not_read_cannot_starve_the_probe(nursery):
+    """64+ clients ask for a big response and never read it: their writes stall, and are cut."""
+    big = b"x" * (16 << 20)  # more than the kernel buffers on both sides can hold
+
+    async def live(_request: HttpRequest) -> HttpResponse:
+        return HttpResponse.text(200, "ok")
+
+    async def huge(_request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, big)
+
+    timeouts = attrs.evolve(PATIENT, write=120.0)  # only cutting stalled writes can explain an answer
+    server = HttpServer({("GET", "/health/live"): live, ("GET", "/big"): huge}, timeouts=timeouts)
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    readers = []
+    for _ in range(80):
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)  # before connect: a small window
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        readers.append(stream)
+    try:
+        with trio.fail_after(20):  # before: the write timeout (120 s) of 64 stalled writes
+            reply = await http_get(port, "/health/live")
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok\n")
+        assert server.slots.shed_total >= 1 and server.slots.high_water <= 64
+    finally:
+        for stream in readers:
+            await trio.aclose_forcefully(stream)
 
 
 async def test_connection_slots_refuse_a_zero_limit():

@@ -5,9 +5,9 @@ of async handlers, so other endpoints (file serving, say) can be added as routes
 bounded in time at every step: a new connection must send its whole request head within ``header``
 seconds, a kept-alive one must begin its next request within ``idle``, then the request must be in
 within ``request``; the handler and every write are bounded too, and a request body in size. At the
-connection limit the longest-idle connection without a complete request is closed to make room
-(supervisor/http_slots.py), so idle or trickling clients cannot starve the probes. HEAD is answered for
-every GET route.
+connection limit the longest-idle connection without a complete request (else a write stalled on a
+client that does not read) is closed to make room (supervisor/http_slots.py), so idle, trickling or
+non-reading clients cannot starve the probes. HEAD is answered for every GET route.
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ class HttpTimeouts:
     request: float = 10.0  # from a request's first byte to its end, body included
     handler: float = 5.0  # producing the response
     write: float = 10.0  # each write to the client
+    # At the connection limit, with no idle connection to close, a write blocked this long (its client
+    # does not read) is cut to make room: slow readers cannot hold every slot for `write` seconds.
+    stalled_write: float = 1.0
 
 
 class _Close(Exception):
@@ -144,7 +147,7 @@ class HttpServer:
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
         self.name = name
-        self.slots = ConnectionSlots(max_connections, name=name)
+        self.slots = ConnectionSlots(max_connections, name=name, stall_grace=timeouts.stalled_write)
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -176,14 +179,14 @@ class HttpServer:
                     return
                 fresh = False
                 response = await self._respond_to(request)
-                await self._send_response(conn, stream, request, response)
+                await self._send_response(conn, stream, slot, request, response)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return  # Connection: close, HTTP/1.0, or a body we did not read
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not slot.shed:
                 self.slots.busy(slot)  # answering (bounded by the write timeout), not idle
-                await self._send_error(conn, stream, exc.error_status_hint, str(exc))
+                await self._send_error(conn, stream, slot, exc.error_status_hint, str(exc))
         except h11.LocalProtocolError:
             # A handler's response broke HTTP (e.g. a body on a 304): nothing sane can follow on it.
             log.exception("http: invalid response; closing the connection")
@@ -226,7 +229,7 @@ class HttpServer:
                 body += event.data
                 if len(body) > self.max_body_bytes:
                     self.slots.busy(slot)
-                    await self._send_error(conn, stream, 413, "request body too large")
+                    await self._send_error(conn, stream, slot, 413, "request body too large")
                     return None
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
@@ -270,33 +273,38 @@ class HttpServer:
             return HttpResponse.text(500, "internal error")
 
     async def _send_response(
-        self, conn: h11.Connection, stream: trio.abc.Stream, request: HttpRequest, response: HttpResponse
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        slot: Slot,
+        request: HttpRequest,
+        response: HttpResponse,
     ) -> None:
         headers = [("server", SERVER_NAME.decode()), ("content-type", response.content_type)]
         headers += response.headers
         # A handler may set the length itself (e.g. HEAD of a file, whose body it does not produce).
         if isinstance(response.body, bytes) and not any(k.lower() == "content-length" for k, _ in headers):
             headers.append(("content-length", str(len(response.body))))
-        await self._send(conn, stream, _response_head(response.status, headers))
+        await self._send(conn, stream, slot, _response_head(response.status, headers))
         if request.method != "HEAD":
             if isinstance(response.body, bytes):
                 if response.body:
-                    await self._send(conn, stream, h11.Data(data=response.body))
+                    await self._send(conn, stream, slot, h11.Data(data=response.body))
             else:
                 try:
                     async for chunk in response.body:
                         if chunk:
-                            await self._send(conn, stream, h11.Data(data=chunk))
+                            await self._send(conn, stream, slot, h11.Data(data=chunk))
                 except _Close:
                     raise
                 except Exception:
                     # The head is out: a body that fails midway can only be cut off.
                     log.exception("http: %s %s: response body failed", request.method, request.path)
                     raise _Close from None
-        await self._send(conn, stream, h11.EndOfMessage())
+        await self._send(conn, stream, slot, h11.EndOfMessage())
 
     async def _send_error(
-        self, conn: h11.Connection, stream: trio.abc.Stream, status: int, text: str
+        self, conn: h11.Connection, stream: trio.abc.Stream, slot: Slot, status: int, text: str
     ) -> None:
         body = (text + "\n").encode()
         headers = [
@@ -306,22 +314,27 @@ class HttpServer:
             ("connection", "close"),
         ]
         try:
-            await self._send(conn, stream, _response_head(status, headers))
-            await self._send(conn, stream, h11.Data(data=body))
-            await self._send(conn, stream, h11.EndOfMessage())
+            await self._send(conn, stream, slot, _response_head(status, headers))
+            await self._send(conn, stream, slot, h11.Data(data=body))
+            await self._send(conn, stream, slot, h11.EndOfMessage())
         except (_Close, h11.LocalProtocolError):
             pass
 
-    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, event: h11.Event) -> None:
+    async def _send(
+        self, conn: h11.Connection, stream: trio.abc.Stream, slot: Slot, event: h11.Event
+    ) -> None:
         data = conn.send(event)
         if not data:
             return
         with trio.move_on_after(self.timeouts.write):
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _Close from None
-            return
+            # A write that stalls (the client does not read) may be cut at the limit to make room.
+            with self.slots.sending(slot):
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise _Close from None
+            if not slot.shed:
+                return
         raise _Close  # a client that does not read its response is not waited for
 
 
