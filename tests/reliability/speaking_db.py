@@ -145,11 +145,11 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
     stopped by ``POST /stop`` (the other half); then the database comes back.
 
     lost = stops whose call kept playing (the audio must stop whatever the database does) or were
-    answered 404 or not at all; + rows not ``stopped`` within 30 s of recovery; + rows whose
-    ``tm_update`` is not inside the outage (every call ends in it, and nothing can be written before
-    it is over: a later ``tm_update`` is the time of the write, not the real end); + speakings
-    without exactly one ``speaking_stopped`` (carrying the row's ``tm_update``); + external medias
-    left at call-manager.
+    answered 404 or not at all; + a GET during the outage not answered 500; + rows not ``stopped``
+    within 30 s of recovery; + rows whose ``tm_update`` is not inside the outage (every call ends in
+    it, and nothing can be written before it is over: a later ``tm_update`` is the time of the write,
+    not the real end); + speakings without exactly one ``speaking_stopped`` (carrying the row's
+    ``tm_update``); + external medias left at call-manager.
     """
     n = 10 if settings.quick else 40
     outage = 7.0
@@ -199,6 +199,10 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                         row.lose(
                             f"stop answered {answer.status_code if answer else 'nothing'} during the outage"
                         )
+                got = await rig.caller.call(SHARED_QUEUE, f"/v1/speakings/{sids[0]}", "GET")
+                if got is None or got.status_code != 500:
+                    what = got.status_code if got else "nothing"
+                    row.lose(f"GET answered {what} during the outage, not 500")
                 with trio.move_on_after(5.0):
                     await poll_until(lambda: len(ended) >= n, interval=0.05)
                 # The real end of each speaking: its hang-up, or the last frame the caller heard.
