@@ -173,3 +173,35 @@ async def test_recovery_waits_for_the_database_and_keeps_the_earlier_runs_last_h
     assert not sweeper.recovered
     await trio.sleep(30.0)
     assert sweeper.recovered and pods.store.rows[left.id].tm_update == last_seen
+
+
+def test_liveness_settings_come_from_the_environment() -> None:
+    from tts_streamer.supervisor.config import ConfigError, DaemonConfig
+
+    config = DaemonConfig.from_env(
+        {
+            "SPEAKING_HEARTBEAT_INTERVAL": "2.5",
+            "SPEAKING_OWNER_TIMEOUT": "30",
+            "SPEAKING_STOP_RETRY_TIMEOUT": "120",
+        }
+    )
+    assert (
+        config.speaking_heartbeat_interval,
+        config.speaking_owner_timeout,
+        config.speaking_stop_retry_timeout,
+    ) == (2.5, 30.0, 120.0)
+    with pytest.raises(ConfigError, match="SPEAKING_OWNER_TIMEOUT"):
+        DaemonConfig.from_env({"SPEAKING_OWNER_TIMEOUT": "0"})
+
+
+async def test_an_owner_timeout_shorter_than_two_heartbeats_is_refused_at_start() -> None:
+    from tts_streamer.adapters.synthetic import SyntheticEngine
+    from tts_streamer.supervisor.config import ConfigError, DaemonConfig
+    from tts_streamer.supervisor.daemon import run_daemon
+
+    engine = SyntheticEngine()
+    config = DaemonConfig(
+        default_engine=engine.name, speaking_heartbeat_interval=5.0, speaking_owner_timeout=8.0
+    )
+    with pytest.raises(ConfigError, match="at least twice SPEAKING_HEARTBEAT_INTERVAL"):
+        await run_daemon(config, engines={engine.name: engine}, handle_signals=False)

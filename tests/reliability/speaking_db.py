@@ -28,7 +28,8 @@ from tts_streamer.fakes.asterisk import SimConfig
 from tts_streamer.fakes.daemon_process import open_daemon_process, synthetic_env
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
-HANG_UP_AFTER = 12.0  # a set-up budget: 5 creates and 5 says took 6-11 s at load 8
+BEFORE_ALL = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+HANG_UP_AFTER = 30.0  # a set-up budget: 10 creates and 10 says took over 11 s at load 9
 
 
 @attrs.define
@@ -145,15 +146,17 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
     stopped by ``POST /stop`` (the other half); then the database comes back.
 
     lost = stops whose call kept playing (the audio must stop whatever the database does) or were
-    answered 404 or not at all; + rows not ``stopped`` within 30 s of recovery; + rows whose
-    ``tm_update`` is not inside the outage (every call ends in it, and nothing can be written before
-    it is over: a later ``tm_update`` is the time of the write, not the real end); + speakings
-    without exactly one ``speaking_stopped`` (carrying the row's ``tm_update``); + external medias
-    left at call-manager.
+    answered 404 or not at all; + a GET during the outage not answered 500; + rows not ``stopped``
+    within 30 s of recovery; + rows whose ``tm_update`` is not inside the outage (every call ends in
+    it, and nothing can be written before it is over: a later ``tm_update`` is the time of the write,
+    not the real end); + speakings without exactly one ``speaking_stopped`` (carrying the row's
+    ``tm_update``); + external medias left at call-manager.
     """
-    n = 10 if settings.quick else 40
+    # 40 overloaded this process (simulator, fake call-manager, caller and daemon share it) at load 8:
+    # legs dropped by the simulator before the outage began.
+    n = 10 if settings.quick else 20
     outage = 7.0
-    row = Row("database outage during hang-ups", f"MariaDB unreachable {outage:.0f} s while calls end", n)
+    row = Row("database outage during hang-ups", f"MariaDB unreachable >= {outage:.0f} s while calls end", n)
     url = await _mariadb()
     if url is None:
         row.skipped = "MariaDB unreachable (TEST_DATABASE_DSN)"
@@ -169,7 +172,8 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                 # before the first of those; the other half are stopped by POST /stop during it.
                 async def speak(sid: str) -> None:
                     said = await rig.speaking(sid, "say", {"text": "S" * 400})
-                    assert said.status_code == 200, said
+                    # 404 only for a leg the simulator already dropped (see ``early`` below).
+                    assert said.status_code == 200 or rig.sim_call_for(sid).hung_up, said
 
                 stops = [await _create(rig, SimConfig()) for _ in range(n - n // 2)]
                 await gather(stops, speak)
@@ -177,8 +181,11 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                 hang_ups = [await _create(rig, hang_up) for _ in range(n // 2)]
                 await gather(hang_ups, speak)
                 sids = hang_ups + stops
-                first_hang_up = min(rig.sim_call_for(sid).connected_at for sid in hang_ups) + HANG_UP_AFTER
+                connected = [rig.sim_call_for(sid).connected_at for sid in hang_ups]
+                first_hang_up, last_hang_up = min(connected) + HANG_UP_AFTER, max(connected) + HANG_UP_AFTER
                 await trio.sleep_until(first_hang_up - 1.0)
+                # At least ``outage``, and past the last hang-up (their spread is the set-up's).
+                outage = max(outage, last_hang_up + 1.0 - trio.current_time())
                 ended: set[str] = set()
 
                 async def watch(sid: str) -> None:
@@ -189,6 +196,9 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                     nursery.start_soon(watch, sid)
                 relay.down()
                 down_at, down_wall = trio.current_time(), now_utc()
+                # Legs the simulator dropped before the outage (its 100 ms write timeout, when this
+                # process is overloaded): not under test here; their rows must still be stopped once.
+                early = {sid for sid in sids if rig.sim_call_for(sid).hung_up}
                 await trio.sleep(1.0)
                 uri = "/v1/speakings/{}/stop"
                 answers = await gather(
@@ -199,6 +209,10 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                         row.lose(
                             f"stop answered {answer.status_code if answer else 'nothing'} during the outage"
                         )
+                got = await rig.caller.call(SHARED_QUEUE, f"/v1/speakings/{sids[0]}", "GET")
+                if got is None or got.status_code != 500:
+                    what = got.status_code if got else "nothing"
+                    row.lose(f"GET answered {what} during the outage, not 500")
                 with trio.move_on_after(5.0):
                     await poll_until(lambda: len(ended) >= n, interval=0.05)
                 # The real end of each speaking: its hang-up, or the last frame the caller heard.
@@ -213,7 +227,7 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                     ends[sid] = wall_offset + dt.timedelta(seconds=last)
                     if sid not in ended:
                         row.lose("call still playing after its stop or hang-up")
-                    elif last < down_at:
+                    elif last < down_at and sid not in early:
                         row.lose("call ended before the outage (set-up too slow)")
                 await trio.sleep(max(0.0, outage - (trio.current_time() - down_at)))
                 up_wall = now_utc()
@@ -226,7 +240,9 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                 written_after = trio.current_time() - back_at
                 async with open_speaking_store(MARIADB_DSN, "") as store:
                     rows = {sid: await store.get(uuid.UUID(sid)) for sid in sids}
-                errors = _check_billing(row, rig, sids, ends, rows, (down_wall, up_wall))
+                during = [sid for sid in sids if sid not in early]
+                errors = _check_billing(row, rig, during, ends, rows, (down_wall, up_wall))
+                _check_billing(row, rig, sorted(early), ends, rows, (BEFORE_ALL, down_wall))
 
                 def left() -> set[str]:
                     return {str(m) for m in rig.call_manager.created if m not in rig.call_manager.deleted}
@@ -236,9 +252,11 @@ async def database_outage_during_hangups(settings: Settings) -> Row:
                 row.lose("external media left at call-manager", len(left() & set(sids)))
             nursery.cancel_scope.cancel()
     row.figures = (
-        f"tm_update - simulator's end {min(errors, default=0):+.0f}..{max(errors, default=0):+.0f} ms; "
+        f"outage {outage:.1f} s; tm_update - simulator's end "
+        f"{min(errors, default=0):+.0f}..{max(errors, default=0):+.0f} ms; "
         f"rows written {written_after:.1f} s after the database came back; "
         f"{speakings.stats.stop_write_failures} failed write attempts retried"
+        + (f"; {len(early)} legs dropped by the simulator before the outage" if early else "")
     )
     return row
 
