@@ -104,7 +104,6 @@ class SpeakingStats:
     create_failed: int = 0
     started_events: int = 0
     stopped_events: int = 0
-    recovered: int = 0
     stop_write_failures: int = 0  # failed attempts at writing a stopped row (each retried)
     stops_abandoned: int = 0  # rows whose stop could not be written within the retry bound
 
