@@ -34,8 +34,11 @@ LABEL org.opencontainers.image.title="tts-streamer" \
 COPY LICENSE NOTICE licenses/GPL-3.0.txt /usr/share/licenses/tts-streamer/
 
 # A fixed numeric uid/gid, so Kubernetes runAsNonRoot can verify it without a passwd lookup.
+# /shared-data: the Go tts-manager's speech directory, so a fresh Compose volume mounted there for the
+# migration settings (MEDIA_DIR=/shared-data, docs/migrating.md) is writable by the daemon.
 RUN groupadd --system --gid 10001 tts \
-    && useradd --system --uid 10001 --gid tts --no-create-home --home-dir /tmp --shell /usr/sbin/nologin tts
+    && useradd --system --uid 10001 --gid tts --no-create-home --home-dir /tmp --shell /usr/sbin/nologin tts \
+    && mkdir -p /shared-data && chown 10001:10001 /shared-data
 
 # Owned by root, so the daemon cannot modify its own code.
 COPY --from=builder /opt/venv /opt/venv
@@ -52,8 +55,8 @@ WORKDIR /tmp
 # demo, a simulated Asterisk on loopback, about 7 s.
 RUN tts-streamer demo --wav /tmp/selftest.wav > /dev/null && rm /tmp/selftest.wav
 
-# Health, readiness and Prometheus metrics (HTTP_PORT).
-EXPOSE 9090
+# Health, readiness and Prometheus metrics (HTTP_PORT); batch speech files (MEDIA_HTTP_PORT).
+EXPOSE 9090 8080
 
 # Docker/Compose only; Kubernetes ignores HEALTHCHECK and uses the Deployment's probes instead.
 # Any non-2xx answer or no answer raises, so the check fails; no curl in the image.

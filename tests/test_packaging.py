@@ -181,7 +181,9 @@ def test_runtime_stage_contract(dockerfile: list[Instruction]) -> None:
     assert user not in {"0", "root"}
     assert user == str(_deployment()["spec"]["template"]["spec"]["securityContext"]["runAsUser"])
 
-    assert [i.args for i in _in_stage(dockerfile, runtime, "EXPOSE")] == [str(DEFAULTS.http_port)]
+    assert [i.args for i in _in_stage(dockerfile, runtime, "EXPOSE")] == [
+        f"{DEFAULTS.http_port} {DEFAULTS.media_http_port}"
+    ]
     assert [i.args for i in _in_stage(dockerfile, runtime, "STOPSIGNAL")] == ["SIGTERM"]
 
     (healthcheck,) = _in_stage(dockerfile, runtime, "HEALTHCHECK")
