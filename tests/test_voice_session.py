@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import attrs
 import trio
+import trio.testing
 
 from tests.support import media_uri, open_sim_supervisor
 from tts_streamer.actors import events as ev
@@ -111,6 +112,7 @@ async def test_the_chain_opens_its_links_sessions_and_a_failing_one_does_not_fai
     chain = FallbackEngine([broken, good], cooldown=0)
     async with open_sim_supervisor(sim, chain, nursery) as (sup, sink):
         await sup.start_session("c1", media_uri("c1"))
+        await trio.testing.wait_all_tasks_blocked()  # the vendor task has just been started
         assert [what for what, _ in good.log] == ["open"] and chain.open_sessions == 1
         await speak(sup, "spoken by the good one")
         done = await sink.wait_for(ev.PlayFinished)

@@ -192,7 +192,8 @@ class ElevenLabsSession:
         """The session's socket, (re)connected, with room for one more context."""
         engine = self._engine
         sock = self._socket
-        if sock is None or sock.dead or sock.close_requested.is_set():
+        # A socket the vendor sent an error on is about to be closed by it: do not start on it.
+        if sock is None or sock.dead or sock.error is not None or sock.close_requested.is_set():
             sock = self._new_socket()
         await sock.ready.wait()  # bounded by connect_timeout in its task
         if len(sock.closing) + 1 > engine.max_contexts:
@@ -302,6 +303,8 @@ class ElevenLabsSession:
         engine = self._engine
         while True:
             await trio.sleep_until(sock.last_sent + engine.keepalive_interval)
+            if sock.close_requested.is_set():
+                return
             if trio.current_time() < sock.last_sent + engine.keepalive_interval:
                 continue
             if sock.stream is not None:
