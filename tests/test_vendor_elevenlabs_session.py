@@ -17,9 +17,10 @@ from tts_streamer.actors.commands import SayFinish, SayFlush
 from tts_streamer.adapters.elevenlabs import ElevenLabsEngine
 from tts_streamer.adapters.fallback import FallbackEngine
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
+from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.fakes.asterisk import AsteriskSimulator
 from tts_streamer.fakes.elevenlabs import MAX_CONTEXTS, ElevenLabsFake
-from tts_streamer.fakes.vendor_faults import Fault
+from tts_streamer.fakes.vendor_faults import Fault, fake_fill_byte
 
 pytestmark = pytest.mark.realtime
 LONG = " ".join(f"Sentence number {i} goes on for a while." for i in range(12))
@@ -177,3 +178,24 @@ async def test_the_chain_falls_over_when_elevenlabs_is_unreachable_at_session_st
     ] * 2
     assert sum(1 for f in call.played if f.bridged and f.data[0] == fill_byte("Spoken anyway.")) > 0
     assert eleven.open_sessions == 0 and chain.open_sessions == 0 and chain.open_streams == 0
+
+
+async def test_late_audio_of_a_closed_context_is_dropped_and_the_next_context_hears_only_its_own(
+    fake, engine
+):
+    fake.late_chunks = 3
+    fake.chunk_interval = 0.03  # the late chunks overlap the next utterance's start
+    with trio.fail_after(5):
+        async with engine.open_session(VoiceSpec()) as session:
+            async with session.open_stream() as first:
+                await first.send_text(LONG)
+                async for _ in first.audio():
+                    break  # a flush after the first chunk
+            async with session.open_stream() as second:
+                await second.send_text("The next one.")
+                await second.end_input()
+                audio = b"".join([chunk async for chunk in second.audio()])
+            await wait_until(lambda: fake.contexts[0].final_at is not None, 1, "c1's isFinal")
+    assert set(audio) == {fake_fill_byte("The next one. ")}
+    assert session.late_chunks_dropped == fake.contexts[0].late_chunks_sent > 0
+    assert (first.context_id, second.context_id) == ("c1", "c2") and len(fake.connections) == 1
