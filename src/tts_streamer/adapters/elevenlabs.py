@@ -225,10 +225,14 @@ class ElevenLabsSession:
     # --- a socket's tasks ---
 
     async def _hold(self, sock: ElevenLabsSocket) -> None:
-        """Own one socket; once connected, only request_close (with its deadline) ends it."""
+        """Own one socket; only request_close (with its deadline) ends it. Shielded from the start: a
+        cancelled connect leaves trio-websocket's TCP stream open until garbage collection, so a close
+        during the connect waits for it (up to the close deadline) and then closes properly."""
         try:
-            with trio.CancelScope() as scope:
+            with trio.CancelScope(shield=True) as scope:
                 sock.scope = scope
+                if sock.close_requested.is_set():
+                    return
                 async with trio.open_nursery() as ws_nursery:
                     try:
                         ws = await self._engine._connect(ws_nursery, self.url)
@@ -237,7 +241,6 @@ class ElevenLabsSession:
                         sock.end(exc)
                         return
                     sock.ws = ws
-                    scope.shield = not sock.close_requested.is_set()
                     sock.ready.set()
                     try:
                         async with trio.open_nursery() as tasks:

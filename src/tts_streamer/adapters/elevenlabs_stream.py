@@ -109,14 +109,9 @@ class ElevenLabsSocket:
         self.notify()
 
     def request_close(self, within: float) -> None:
-        """Close within ``within`` seconds (close_socket, then the close handshake), or at once if not
-        connected yet."""
+        """Close within ``within`` seconds: the connect in progress, close_socket, the close handshake."""
         self.close_requested.set()
-        if self.scope is None:
-            return
-        if self.ws is None:
-            self.scope.cancel(reason="elevenlabs session closed while connecting")
-        else:
+        if self.scope is not None:
             self.scope.deadline = min(self.scope.deadline, trio.current_time() + within)
 
 
