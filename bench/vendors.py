@@ -16,7 +16,7 @@ times are Trio's clock, stamped where the simulator read a message (``on the wir
   audio messages of the flushed utterance read after FLUSH_MEDIA;
 - the fallback chain (elevenlabs > gcp > aws): first audio when the primary fails before any audio, and
   the longest silence heard (the simulator's empty ticks inside an utterance) when it stalls mid-utterance.
-- connections: TLS handshakes at each proxy during the warm part, per utterance.
+- connections: TLS handshakes at each proxy during the warm part, and during later utterances of a call.
 
 Targets (with --delay 0.04): first audio of a later utterance <= one round trip + the fake's own delay (p50,
 with ALLOWANCE_MS for processing; an extra round trip costs 80 ms) and no TLS handshake for it;
@@ -101,6 +101,7 @@ class Figures:
     stale_after_flush: int = 0
     utterances: int = 0
     connections: int = 0  # handshakes during the warm-engine part
+    later_connections: int = 0  # of those, while a later utterance of a call spoke (a per-call socket: 0)
 
 
 class FarSide:
@@ -257,11 +258,14 @@ async def measure(rig: Rig, sup: Supervisor, sim: AsteriskSimulator, uri: str, s
         cid = f"{rig.name}-{c}"
         await _session(sup, uri, cid, rig.name)
         for u in range(s.utterances):
+            before_utterance = await rig.connections() if u > 0 else 0
             first = await _speak_first_audio(sup, sim, cid, TEXT)
             (figures.first_of_call if u == 0 else figures.later).append(first)
             figures.utterances += 1
             await trio.sleep(s.speak_before_flush)
             await _flush(sup, sim, cid, rig, figures)
+            if u > 0:
+                figures.later_connections += await rig.connections() - before_utterance
         await sup.stop(cid)
     figures.connections = await rig.connections() - before
     return figures
@@ -392,19 +396,20 @@ ALLOWANCE_MS = 20.0  # the adapters' and fakes' own processing; any extra round 
 def evaluate(s: Settings, results: dict[str, Figures]) -> list[tuple[str, str, str]]:
     """(target, PASS|FAIL, detail) per vendor. "No handshake" is judged twice: the p50 first audio of a
     later utterance within one round trip + the fake's delay + ALLOWANCE_MS, and no TLS handshake at
-    the proxy while a warm engine spoke them."""
+    the proxy while a warm engine spoke them (a call's own socket, opened at its start, is not one)."""
     budget = (s.rtt + s.fake_delay) * 1000 + ALLOWANCE_MS
     out = []
     for name, f in results.items():
         p50 = statistics.median(f.later) * 1000 if f.later else math.nan
-        ok = p50 <= budget and f.connections == 0
+        ok = p50 <= budget and f.later_connections == 0
         out.append(
             (
                 f"{name}: first audio of a later utterance <= RTT + fake delay (+ {ALLOWANCE_MS:.0f} ms "
                 f"processing) = {budget:.0f} ms, no handshake",
                 "PASS" if ok else "FAIL",
                 f"p50 {p50:.1f} ms, p90 {_ms(f.later, 0.9):.1f} ms over {len(f.later)} utterances; "
-                f"{f.connections} TLS handshakes for {f.utterances} utterances",
+                f"{f.later_connections} TLS handshakes for {len(f.later)} later utterances "
+                f"({f.connections} for all {f.utterances})",
             )
         )
         p99 = _ms(f.flush_media, 0.99)

@@ -3,6 +3,8 @@
 Each utterance runs inside its own cancel scope around one vendor stream. A flush cancels that scope:
 the vendor stream's context exits (releasing thread job, connection or RPC), and the inbox items and
 audio of flushed utterances are recognised by number and dropped. The next text opens a fresh scope.
+The engine's session (``open_session``: e.g. ElevenLabs' socket for the call) is entered when the actor
+starts, before the first text, and left when it ends; each utterance is one ``open_stream()`` on it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import attrs
 import trio
 
 from tts_streamer.actors.audio import AudioChunk, AudioSink, UtteranceEnd
-from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec, VoiceStream
+from tts_streamer.adapters.voice import (
+    VoiceEngine,
+    VoiceError,
+    VoiceSession,
+    VoiceSpec,
+    VoiceStream,
+    open_session,
+)
 from tts_streamer.exceptions import first_of
 
 log = logging.getLogger(__name__)
@@ -89,6 +98,10 @@ class Vendor:
             await self._scope_exited.wait()
 
     async def serve(self) -> None:
+        async with open_session(self.engine, self.voice) as session:
+            await self._serve(session)
+
+    async def _serve(self, session: VoiceSession) -> None:
         while True:
             item = await self._next()
             if isinstance(item, EndOfInput):
@@ -99,7 +112,7 @@ class Vendor:
             with trio.CancelScope() as scope:
                 self._scope = scope
                 try:
-                    await self._speak(item)
+                    await self._speak(session, item)
                 except* VoiceError as group:
                     exc = first_of(group, VoiceError)
                     assert exc is not None
@@ -122,11 +135,11 @@ class Vendor:
             if item.utterance >= self._live_from and item.utterance != self._failed:
                 return item
 
-    async def _speak(self, first: TextItem) -> None:
+    async def _speak(self, session: VoiceSession, first: TextItem) -> None:
         utterance = first.utterance
         opened_at = trio.current_time()
         first_audio = True
-        async with self.engine.open_stream(self.voice) as stream:
+        async with session.open_stream() as stream:
             try:
                 async with trio.open_nursery() as nursery:
                     await stream.send_text(first.text)

@@ -20,6 +20,10 @@ audio follows in the same pipe, so the caller hears the gap only (see docs/vendo
 An explicit voice id goes to the chain's first engine only (it names that vendor's voice); the others use
 their table voice for the language and gender. A vendor that failed is skipped by new streams for
 ``cooldown`` seconds. ``spoken_by`` on the stream and the ``on_vendor``/``on_switch`` callbacks say who spoke.
+
+``open_session`` opens every link's session eagerly (so ElevenLabs' socket is up before the first say);
+a link whose session fails to open is logged and used one stream per utterance instead, so a broken
+link never fails the session start: it fails, and is fallen over, per utterance as before.
 """
 
 from __future__ import annotations
@@ -27,14 +31,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing, asynccontextmanager
 from typing import Protocol, runtime_checkable
 
 import attrs
 import trio
 
 from tts_streamer.adapters.vendor_stream import AudioPipe, background_nursery, split_sentences
-from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec, VoiceStream
+from tts_streamer.adapters.voice import (
+    StreamPerUtterance,
+    VoiceEngine,
+    VoiceError,
+    VoiceSession,
+    VoiceSpec,
+    VoiceStream,
+    open_session,
+)
 from tts_streamer.exceptions import first_of, leaves
 
 log = logging.getLogger(__name__)
@@ -110,14 +122,47 @@ class FallbackEngine:
         self.switches: list[VendorSwitch] = []
         self._down_until: dict[str, float] = {}
         self._open = 0
+        self._sessions = 0
 
     @property
     def open_streams(self) -> int:
         return self._open
 
+    @property
+    def open_sessions(self) -> int:
+        return self._sessions
+
+    def link_voice(self, engine: VoiceEngine, voice: VoiceSpec) -> VoiceSpec:
+        """An explicit voice id names the first engine's voice; the others use their table voice."""
+        return voice if engine is self.chain[0] else attrs.evolve(voice, voice_id="")
+
     @asynccontextmanager
-    async def open_stream(self, voice: VoiceSpec) -> AsyncIterator[FallbackStream]:
-        stream = FallbackStream(self, voice)
+    async def open_session(self, voice: VoiceSpec) -> AsyncIterator[FallbackSession]:
+        async with AsyncExitStack() as stack:
+            sessions: dict[int, VoiceSession] = {}
+            for engine in self.chain:
+                link_voice = self.link_voice(engine, voice)
+                try:
+                    sessions[id(engine)] = await stack.enter_async_context(open_session(engine, link_voice))
+                except Exception as exc:
+                    log.warning(
+                        "voice %s: session did not open (%s); one stream per utterance", engine.name, exc
+                    )
+                    sessions[id(engine)] = StreamPerUtterance(engine, link_voice)
+            self._sessions += 1
+            try:
+                yield FallbackSession(self, voice, sessions)
+            finally:
+                self._sessions -= 1
+
+    def open_stream(self, voice: VoiceSpec) -> AbstractAsyncContextManager[FallbackStream]:
+        return self._open_stream(voice, {})
+
+    @asynccontextmanager
+    async def _open_stream(
+        self, voice: VoiceSpec, sessions: dict[int, VoiceSession]
+    ) -> AsyncIterator[FallbackStream]:
+        stream = FallbackStream(self, voice, sessions)
         self._open += 1
         try:
             async with background_nursery("fallback") as nursery:
@@ -137,10 +182,25 @@ class FallbackEngine:
             self._down_until[name] = trio.current_time() + self.cooldown
 
 
-class FallbackStream:
-    def __init__(self, engine: FallbackEngine, voice: VoiceSpec) -> None:
+class FallbackSession:
+    """One call on the chain: each link's own session, opened with the chain's."""
+
+    def __init__(self, engine: FallbackEngine, voice: VoiceSpec, sessions: dict[int, VoiceSession]) -> None:
         self._engine = engine
         self.voice = voice
+        self._sessions = sessions
+
+    def open_stream(self) -> AbstractAsyncContextManager[FallbackStream]:
+        return self._engine._open_stream(self.voice, self._sessions)
+
+
+class FallbackStream:
+    def __init__(
+        self, engine: FallbackEngine, voice: VoiceSpec, sessions: dict[int, VoiceSession] | None = None
+    ) -> None:
+        self._engine = engine
+        self.voice = voice
+        self._sessions = sessions or {}
         self.pipe = AudioPipe()
         self.units: list[str] = []
         self.spoken_by: list[str] = []
@@ -173,7 +233,7 @@ class FallbackStream:
         engines = self._engine._usable()
         start = 0
         for n, engine in enumerate(engines):
-            voice = self.voice if engine is self._engine.chain[0] else attrs.evolve(self.voice, voice_id="")
+            voice = self._engine.link_voice(engine, self.voice)
             attempt = _Attempt(engine, start, trio.current_time())
             try:
                 await self._speak(attempt, voice)
@@ -196,7 +256,9 @@ class FallbackStream:
                 return
 
     async def _speak(self, attempt: _Attempt, voice: VoiceSpec) -> None:
-        async with attempt.engine.open_stream(voice) as inner, trio.open_nursery() as nursery:
+        session = self._sessions.get(id(attempt.engine))
+        opened = session.open_stream() if session is not None else attempt.engine.open_stream(voice)
+        async with opened as inner, trio.open_nursery() as nursery:
             attempt.stream = inner
             attempt.last_activity = trio.current_time()
             nursery.start_soon(self._feed, attempt, inner, name=f"fallback-feed[{attempt.engine.name}]")

@@ -5,13 +5,20 @@ A stream speaks one utterance: text goes in with ``send_text`` (many times, spok
 size as they are produced, ending once all input has been spoken. Leaving the ``open_stream`` context,
 normally or by cancellation, must stop the vendor at once and release everything it holds (thread job,
 connection, HTTP body, RPC) without blocking: that is what makes a flush instant.
+
+A session is one call's lifetime on an engine: ``open_session(engine, voice)`` is entered when the call's
+session starts (before its first say) and left when it ends, and its ``open_stream()`` speaks one
+utterance. An engine that keeps state across a call's utterances (ElevenLabs: one WebSocket per call)
+implements ``open_session`` itself and may run tasks in a nursery it owns for the session's lifetime;
+entering it must not fail because the vendor is unreachable (the first utterance reports that), and
+leaving it must be bounded even when cancelled. Every other engine gets ``StreamPerUtterance`` for free.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -51,3 +58,37 @@ class VoiceEngine(Protocol):
     def open_streams(self) -> int:
         """Streams currently holding vendor resources (tests assert this returns to 0)."""
         ...
+
+
+class VoiceSession(Protocol):
+    def open_stream(self) -> AbstractAsyncContextManager[VoiceStream]:
+        """One utterance in this session (same contract as ``VoiceEngine.open_stream``)."""
+        ...
+
+
+@runtime_checkable
+class SessionEngine(Protocol):
+    """An engine with state per call; ``open_session`` is optional for engines (see the module doc)."""
+
+    def open_session(self, voice: VoiceSpec) -> AbstractAsyncContextManager[VoiceSession]: ...
+
+
+class StreamPerUtterance:
+    """The session of an engine that keeps nothing between utterances: each one is ``open_stream``."""
+
+    def __init__(self, engine: VoiceEngine, voice: VoiceSpec) -> None:
+        self.engine = engine
+        self.voice = voice
+
+    def open_stream(self) -> AbstractAsyncContextManager[VoiceStream]:
+        return self.engine.open_stream(self.voice)
+
+
+@asynccontextmanager
+async def open_session(engine: VoiceEngine, voice: VoiceSpec) -> AsyncIterator[VoiceSession]:
+    """The engine's own session when it has one, else one stream per utterance."""
+    if isinstance(engine, SessionEngine):
+        async with engine.open_session(voice) as session:
+            yield session
+    else:
+        yield StreamPerUtterance(engine, voice)
