@@ -23,6 +23,7 @@ from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import EventType
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 from tts_streamer.supervisor.amqp_bridge import Topology, open_amqp_bridge
+from tts_streamer.supervisor.queue_probe import QueueProbe
 
 pytestmark = pytest.mark.realtime
 
@@ -112,6 +113,38 @@ async def test_reply_queue_probe_on_the_real_broker() -> None:
                 await aio(channel.close)()
                 assert await bridge.queue_exists(queue.name) is False  # the caller gave up
             finally:
+                await aio(caller.close)()
+
+
+async def test_the_probe_connection_is_replaced_after_its_uses_and_still_answers() -> None:
+    """aio-pika keeps a little of every channel a connection opened, and every probe needs a channel of
+    its own: the probes run on a connection of their own, replaced after ``uses`` probes, so what
+    aio-pika keeps goes with it. Answers stay right across a replacement, concurrent probes included."""
+    with private_vhost() as url, trio.fail_after(60):
+        async with trio_asyncio.open_loop():
+            aio = trio_asyncio.aio_as_trio
+            caller = await aio(aio_pika.connect)(url)
+            probe = QueueProbe(url, timeout=5, uses=3)
+            try:
+                channel = await aio(caller.channel)()
+                queue = await aio(channel.declare_queue)(exclusive=True, auto_delete=True)
+                answers: list[bool | None] = []
+
+                async def ask(name: str) -> None:
+                    answers.append(await probe.exists(name))
+
+                for _ in range(4):
+                    await ask(queue.name)
+                    await ask(f"amq.gen-{uuid.uuid4().hex}")
+                assert answers == [True, False] * 4
+                assert probe.connections_opened == 3  # 8 probes, 3 per connection
+                answers.clear()
+                async with trio.open_nursery() as nursery:
+                    for _ in range(7):
+                        nursery.start_soon(ask, queue.name)
+                assert answers == [True] * 7  # none lost to a connection replaced under it
+            finally:
+                await probe.aclose()
                 await aio(caller.close)()
 
 

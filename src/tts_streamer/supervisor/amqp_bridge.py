@@ -27,13 +27,13 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aio_pika
-import aiormq
 import attrs
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tts_streamer.supervisor.config import ConfigError
+from tts_streamer.supervisor.queue_probe import QueueProbe
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,11 @@ class BridgeStats:
 
 
 class AmqpBridge:
-    def __init__(self, connection: AbstractRobustConnection, timeout: float) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, timeout: float, probe: QueueProbe | None = None
+    ) -> None:
         self.stats = BridgeStats()
+        self._probe = probe
         self.deliveries: trio.MemoryReceiveChannel[Delivery]
         self._connection = connection
         self._timeout = timeout
@@ -147,31 +150,10 @@ class AmqpBridge:
     async def queue_exists(self, name: str) -> bool | None:
         """Does queue ``name`` exist (e.g. a caller's reply queue)? None when the broker cannot tell.
 
-        A passive declare of a missing queue (404) or of another connection's exclusive queue (405,
-        which means it exists) closes the channel, so each probe opens a channel of its own (a plain
-        one: a robust channel would reopen itself after the broker closed it), and probes can run
-        concurrently.
+        Probed on a connection of its own (supervisor/queue_probe.py says why); without one (a bridge
+        built by hand) the answer is None.
         """
-        channel = aio_pika.Channel(connection=self._connection, publisher_confirms=False)
-        try:
-            await self._aio(channel.initialize)
-            await self._aio(channel.declare_queue, name, passive=True)
-        except AmqpUnavailable as exc:
-            cause = exc.__cause__
-            if isinstance(cause, aio_pika.exceptions.ChannelNotFoundEntity):
-                return False
-            if isinstance(cause, aiormq.exceptions.ChannelLockedResource):
-                return True  # exclusive to the caller's connection: it is there
-            log.warning("could not tell whether queue %s exists: %s", name, exc)
-            return None
-        finally:
-            if not channel.is_closed:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self._aio(channel.close)
-                    except AmqpUnavailable:
-                        pass
-        return True
+        return None if self._probe is None else await self._probe.exists(name)
 
     async def publish(
         self,
@@ -383,7 +365,8 @@ async def open_amqp_bridge(
     conflict: TopologyConflict | None = None
     async with trio_asyncio.open_loop():
         connection = await _connect(url, retry_every)
-        bridge = AmqpBridge(connection, broker_timeout)
+        probe = QueueProbe(url, broker_timeout)
+        bridge = AmqpBridge(connection, broker_timeout, probe)
         bridge.stats.connects += 1
 
         def on_reconnect(*_args: object) -> None:
@@ -401,6 +384,7 @@ async def open_amqp_bridge(
                 yield bridge
         finally:
             send.close()
+            await probe.aclose()
             with trio.CancelScope(shield=True), trio.move_on_after(broker_timeout):
                 try:
                     await trio_asyncio.aio_as_trio(connection.close)()
