@@ -58,21 +58,33 @@ class QueueProbe:
             return result
 
     async def exists(self, name: str) -> bool | None:
-        """True or False; None when the broker cannot tell (unreachable, timed out)."""
-        try:
-            probe = await self._take()
-        except (trio.TooSlowError, *_BROKER_ERRORS) as exc:
-            log.warning("could not tell whether queue %s exists: no probe connection: %s", name, exc)
-            return None
-        self.probes += 1
-        try:
-            return await self._probe(probe.connection, name)
-        finally:
-            probe.in_flight -= 1
-            if probe is not self._current and probe.in_flight == 0:
-                await self._close(probe.connection)  # retired while this probe ran: the last one closes it
+        """True or False; None when the broker cannot tell (unreachable, timed out).
 
-    async def _probe(self, connection: aio_pika.abc.AbstractConnection, name: str) -> bool | None:
+        A connection the broker closed (an outage, a broker restart) is noticed by its first probe
+        failing: that probe is retried once on a new connection."""
+        for last_try in (False, True):
+            try:
+                probe = await self._take()
+            except (trio.TooSlowError, *_BROKER_ERRORS) as exc:
+                log.warning("could not tell whether queue %s exists: no probe connection: %s", name, exc)
+                return None
+            self.probes += 1
+            answer: bool | None = None
+            try:
+                answer = await self._probe(probe.connection, name, quiet=not last_try)
+            finally:
+                probe.in_flight -= 1
+                if answer is None and self._current is probe:
+                    self._current = None  # broken: the next probe gets a new connection
+                if probe is not self._current and probe.in_flight == 0:
+                    await self._close(probe.connection)  # retired: the last probe on it closes it
+            if answer is not None:
+                return answer
+        return None
+
+    async def _probe(
+        self, connection: aio_pika.abc.AbstractConnection, name: str, *, quiet: bool
+    ) -> bool | None:
         channel = aio_pika.Channel(connection=connection, publisher_confirms=False)
         try:
             await self._aio(channel.initialize)
@@ -82,7 +94,8 @@ class QueueProbe:
         except aiormq.exceptions.ChannelLockedResource:
             return True  # exclusive to the caller's connection: it is there
         except (trio.TooSlowError, *_BROKER_ERRORS) as exc:
-            log.warning("could not tell whether queue %s exists: %s", name, exc)
+            if not quiet:
+                log.warning("could not tell whether queue %s exists: %s", name, exc)
             return None
         finally:
             if not channel.is_closed:
