@@ -381,6 +381,7 @@ async def open_amqp_bridge(
             except TopologyConflict as exc:
                 conflict = exc
             else:
+                await probe.open()
                 yield bridge
         finally:
             send.close()

@@ -120,6 +120,17 @@ class QueueProbe:
             self._current.in_flight += 1
             return self._current
 
+    async def open(self) -> None:
+        """Connect now (best effort), so the connection is part of an idle daemon from its start
+        rather than appearing at its first create; a failure is retried by the first probe."""
+        try:
+            probe = await self._take()
+        except (trio.TooSlowError, *_BROKER_ERRORS) as exc:
+            log.warning("reply-queue probe connection not opened yet: %s", exc)
+            return
+        probe.used -= 1
+        probe.in_flight -= 1
+
     async def aclose(self) -> None:
         if self._current is not None:
             await self._close(self._current.connection)
