@@ -22,13 +22,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from ctypes import POINTER, c_char_p, c_int, c_short, c_size_t, c_uint, c_void_p
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import numpy as np
 import trio
 
 from tts_streamer.adapters.codecs import StreamResampler, ulaw_encode
+from tts_streamer.adapters.vendor_stream import wait_future
 from tts_streamer.adapters.voice import VoiceError, VoiceSpec
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,6 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     # text, size, position, position_type, end_position, flags, unique_identifier, user_data
     "espeak_Synth": (c_int, [c_char_p, c_size_t, c_uint, c_int, c_uint, c_uint, POINTER(c_uint), c_void_p]),
 }
-
-_T = TypeVar("_T")
 
 
 class _Library:
@@ -158,25 +157,6 @@ class _Worker:
     started: Future[int] = attrs.Factory(Future)
     exited: Future[None] = attrs.Factory(Future)
     thread: threading.Thread | None = None
-
-
-async def _wait_future(fut: Future[_T]) -> _T:
-    """Await a concurrent future from Trio without parking a worker thread on it."""
-    if not fut.done():
-        token = trio.lowlevel.current_trio_token()
-        event = trio.Event()
-
-        def wake(_: Future[_T]) -> None:
-            try:
-                token.run_sync_soon(event.set)
-            except trio.RunFinishedError:
-                pass
-
-        fut.add_done_callback(wake)
-        await event.wait()
-    else:
-        await trio.lowlevel.checkpoint()
-    return fut.result()
 
 
 class EspeakStream:
@@ -296,7 +276,7 @@ class EspeakEngine:
                 worker.thread = threading.Thread(target=self._run, args=(worker,), name="espeak", daemon=True)
                 worker.thread.start()
         try:
-            await _wait_future(worker.started)
+            await wait_future(worker.started)
         except VoiceError as exc:
             raise VoiceError(str(exc), kind=exc.kind) from None
 
@@ -325,7 +305,7 @@ class EspeakEngine:
         if worker is None:
             await trio.lowlevel.checkpoint()
             return
-        await _wait_future(worker.exited)
+        await wait_future(worker.exited)
 
     def _shutdown(self) -> _Worker | None:
         with self._state_lock:

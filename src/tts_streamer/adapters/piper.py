@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from contextlib import aclosing, asynccontextmanager
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import attrs
 import numpy as np
@@ -39,7 +39,13 @@ from tts_streamer.adapters.piper_model import (
     piper_unavailable_reason,
     shared_model,
 )
-from tts_streamer.adapters.vendor_stream import AudioPipe, background_nursery, guarded, split_sentences
+from tts_streamer.adapters.vendor_stream import (
+    AudioPipe,
+    background_nursery,
+    guarded,
+    split_sentences,
+    wait_future,
+)
 from tts_streamer.adapters.vendor_stream import split_under as _split_under
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec, VoiceStream
 
@@ -51,7 +57,6 @@ MAX_CHUNK_CHARS = 120  # ~8 s of speech: bounds one run's memory (~35 MiB/s) and
 SENTENCE_PAUSE = 0.15  # seconds after each sentence; chunks cut mid-sentence get none
 _CLAUSE_MARKS = (",", ";", ":")
 
-_T = TypeVar("_T")
 
 __all__ = ["PiperEngine", "SynthBackend", "piper_unavailable_reason", "plan_chunks"]
 
@@ -106,23 +111,6 @@ def _cut(text: str, limit: int) -> tuple[str, str]:
             if n >= limit // 2:
                 break
     return " ".join(words[:cut]), " ".join(words[cut:])
-
-
-async def _wait_future(fut: Future[_T]) -> _T:
-    """Await a concurrent future without parking a Trio worker thread on it."""
-    if not fut.done():
-        token = trio.lowlevel.current_trio_token()
-        event = trio.Event()
-
-        def wake(_: Future[_T]) -> None:
-            try:
-                token.run_sync_soon(event.set)
-            except trio.RunFinishedError:
-                pass
-
-        fut.add_done_callback(wake)
-        await event.wait()
-    return fut.result()
 
 
 class PiperStream:
@@ -183,7 +171,7 @@ class PiperStream:
             self._job = job
             self._model.submit(job)
             try:
-                chunk = await _wait_future(job.future)
+                chunk = await wait_future(job.future)
             except JobCancelled:
                 return
             except BaseException:
@@ -293,7 +281,7 @@ class PiperEngine:
         loading = self._loading
         assert loading is not None
         try:
-            model = await _wait_future(loading)
+            model = await wait_future(loading)
         except VoiceError:
             if self._loading is loading:
                 self._loading = None  # the next utterance tries again

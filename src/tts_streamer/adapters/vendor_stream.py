@@ -12,7 +12,9 @@ import logging
 import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import trio
 
@@ -132,3 +134,26 @@ def _hard_split(text: str, limit: int) -> list[str]:
 def non_space_len(text: str) -> int:
     """Characters that vendors align to audio (whitespace is normalised away differently by each)."""
     return sum(1 for c in text if not c.isspace())
+
+
+_T = TypeVar("_T")
+
+
+async def wait_future(fut: Future[_T]) -> _T:
+    """Await a concurrent future (a worker thread's result) from Trio without parking a Trio worker
+    thread on it: the future's callback wakes the task through the run's token."""
+    if not fut.done():
+        token = trio.lowlevel.current_trio_token()
+        event = trio.Event()
+
+        def wake(_: Future[_T]) -> None:
+            try:
+                token.run_sync_soon(event.set)
+            except trio.RunFinishedError:
+                pass
+
+        fut.add_done_callback(wake)
+        await event.wait()
+    else:
+        await trio.lowlevel.checkpoint()
+    return fut.result()
