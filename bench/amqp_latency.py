@@ -1,7 +1,7 @@
 """Request->reply latency of the AMQP command plane, on loopback: ``python -m bench.amqp_latency``.
 
 The daemon runs as its own process, as in production: by default ``tts-streamer serve`` (through
-``tts_streamer.fakes.daemon_process``) with a synthetic voice that makes 20 ms of
+``tests.fakes.daemon_process``) with a synthetic voice that makes 20 ms of
 audio per say_add, so the figures are the command plane's rather than a voice engine's;
 ``--engine espeak`` runs ``tts-streamer serve`` itself. This process plays everything around it: the
 chan_websocket simulator, a fake call-manager and the callers. It creates live streamings (20 by
@@ -47,12 +47,12 @@ import aio_pika
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage
+from tests.fakes.call_manager import open_fake_call_manager
+from tests.fakes.daemon_process import DaemonProcess, open_daemon_process
+from tests.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
 
 from tts_streamer.adapters.voipbin import envelope
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig, serve_asterisk_simulator
-from tts_streamer.fakes.call_manager import open_fake_call_manager
-from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig, serve_asterisk_simulator
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 

@@ -1,6 +1,6 @@
 """First audio after create, per bridge topology: ``python -m bench.first_audio``.
 
-The daemon runs as its own process (``tts_streamer.fakes.daemon_process``, a synthetic voice whose
+The daemon runs as its own process (``tests.fakes.daemon_process``, a synthetic voice whose
 audio is ready at once, so the figures are the bridge wait's and the command plane's, not a vendor's).
 This process plays the chan_websocket simulator, a fake call-manager and a Go-style caller. For each
 topology and each delay between the create reply and the say, it creates streamings one at a time,
@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
 import trio
+from tests.fakes.call_manager import FakeCallManager, open_fake_call_manager
+from tests.fakes.daemon_process import DaemonProcess, open_daemon_process, synthetic_env
+from tests.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
 
 from bench.amqp_latency import DEFAULT_URL, _same, temporary_vhost
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig, serve_asterisk_simulator
-from tts_streamer.fakes.call_manager import FakeCallManager, open_fake_call_manager
-from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process, synthetic_env
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig, serve_asterisk_simulator
 
 TEXT = "Hello there."
 

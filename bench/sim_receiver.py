@@ -29,7 +29,7 @@ from bench.recording import (
     kernel_stamp,
     raise_fd_limit,
 )
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig
 
 
 class TimingTap(trio.abc.Stream):

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from tests.fakes.elevenlabs import ElevenLabsFake
+from tests.fakes.google_tts import GoogleTTSFake
+from tests.fakes.polly import PollyFake
+from tests.fakes.vendor_faults import Fault
 
 from bench.netem import Certificates, DelayProxy
-from tts_streamer.fakes.elevenlabs import ElevenLabsFake
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.polly import PollyFake
-from tts_streamer.fakes.vendor_faults import Fault
 
 VENDORS = ("gcp", "elevenlabs", "aws")
 

@@ -54,7 +54,7 @@ from tts_streamer.adapters.fallback import FallbackEngine
 from tts_streamer.adapters.google_tts import CHANNEL_OPTIONS, GoogleTTSEngine
 from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimCall, serve_asterisk_simulator
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimCall, serve_asterisk_simulator
 from tts_streamer.supervisor.gc_tuning import tune_gc
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 

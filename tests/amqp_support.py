@@ -15,15 +15,15 @@ import attrs
 import trio
 import trio_asyncio
 
+from tests.fakes.call_manager import FakeCallManager, open_fake_call_manager
+from tests.fakes.daemon_process import DaemonProcess, open_daemon_process, synthetic_env
+from tests.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
 from tests.services import RABBITMQ_URL
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine
+from tts_streamer.adapters.voipbin.call_manager import CALL_MANAGER_QUEUE
 from tts_streamer.adapters.voipbin.envelope import Response
-from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
-from tts_streamer.fakes.call_manager import FakeCallManager, open_fake_call_manager
-from tts_streamer.fakes.daemon_process import DaemonProcess, open_daemon_process, synthetic_env
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE, VoipbinCaller, open_voipbin_caller
-from tts_streamer.supervisor.call_manager import CALL_MANAGER_QUEUE
+from tts_streamer.simulator.asterisk import AsteriskSimulator, serve_asterisk_simulator
 from tts_streamer.supervisor.config import DaemonConfig
 from tts_streamer.supervisor.daemon import DaemonHandle, run_daemon
 

@@ -18,9 +18,9 @@ from typing import Any
 import attrs
 import trio
 
+from tts_streamer.adapters.amqp.bridge import AmqpUnavailable, Delivery
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Response
-from tts_streamer.supervisor.amqp_bridge import AmqpUnavailable, Delivery
 
 
 @attrs.define

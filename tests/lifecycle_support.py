@@ -14,7 +14,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from tts_streamer.adapters.synthetic import SyntheticEngine, SyntheticStream
 from tts_streamer.adapters.voice import VoiceSpec
-from tts_streamer.fakes.asterisk import AsteriskSimulator, Dialer
+from tts_streamer.simulator.asterisk import AsteriskSimulator, Dialer
 
 
 class StallableStream(trio.abc.Stream):

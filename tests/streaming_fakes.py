@@ -15,11 +15,11 @@ from tts_streamer.actors.events import SessionEvent
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin import envelope
+from tts_streamer.adapters.voipbin.call_manager import CallManagerError
 from tts_streamer.adapters.voipbin.models import ExternalMedia, ExternalMediaCreate
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig, memory_dialer
-from tts_streamer.supervisor.call_manager import CallManagerError
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig, memory_dialer
+from tts_streamer.supervisor.services.streamings import StreamingService
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
-from tts_streamer.supervisor.streamings import StreamingService
 
 
 @attrs.define

@@ -13,8 +13,8 @@ from tts_streamer.actors.events import SessionEvent
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator, Dialer, memory_dialer
-from tts_streamer.supervisor.console_views import task_tree
+from tts_streamer.simulator.asterisk import AsteriskSimulator, Dialer, memory_dialer
+from tts_streamer.supervisor.ops.console_views import task_tree
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 
 E = TypeVar("E", bound=SessionEvent)

@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.amqp_support import Rig, open_rig
 from tests.amqp_vhost import private_amqp_url
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tests.support import task_names
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import Event, EventType, Response
 from tts_streamer.adapters.voipbin.wire import NIL_UUID
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 pytestmark = pytest.mark.realtime
 __all__ = ["private_amqp_url"]  # the fixture, imported so this module's tests get a private vhost
@@ -322,7 +322,7 @@ def table(sid: str, message_id: str) -> list[tuple[str, bytes, Expect]]:
 async def test_malformed_requests_get_the_documented_replies_and_disturb_nothing(
     private_amqp_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tts_streamer.supervisor.streamings")
+    caplog.set_level(logging.INFO, logger="tts_streamer.supervisor.services.streamings")
     with trio.fail_after(40):
         async with open_rig(engine=ENGINE, **RIG_CONFIG) as rig:
             sid = await create(rig)

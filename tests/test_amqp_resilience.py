@@ -27,14 +27,14 @@ import trio
 from tests import amqp_support
 from tests.amqp_support import Rig, open_child_daemon, open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url
+from tests.fakes.daemon_process import parse_samples
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tts_streamer.actors import events as ev
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
-from tts_streamer.fakes.asterisk_call import SimCall
-from tts_streamer.fakes.daemon_process import parse_samples
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
-from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.simulator.asterisk_call import SimCall
+from tts_streamer.supervisor.ops.metrics import Metrics
 
 pytestmark = pytest.mark.realtime
 

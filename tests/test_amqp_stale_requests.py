@@ -18,12 +18,12 @@ import trio_asyncio
 
 from tests.amqp_support import open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url, private_vhost
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
+from tts_streamer.adapters.amqp.bridge import Topology, open_amqp_bridge
+from tts_streamer.adapters.amqp.queue_probe import QueueProbe
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import EventType
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
-from tts_streamer.supervisor.amqp_bridge import Topology, open_amqp_bridge
-from tts_streamer.supervisor.queue_probe import QueueProbe
 
 pytestmark = pytest.mark.realtime
 

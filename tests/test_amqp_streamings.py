@@ -11,12 +11,12 @@ import pytest
 import trio
 
 from tests.amqp_support import open_rig
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voipbin.envelope import EventType
 from tts_streamer.adapters.voipbin.wire import NIL_UUID
-from tts_streamer.fakes.asterisk import SimConfig
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
+from tts_streamer.simulator.asterisk import SimConfig
 
 pytestmark = pytest.mark.realtime
 

@@ -29,9 +29,9 @@ import trio
 import trio_asyncio
 
 from tests.amqp_vhost import private_vhost
+from tests.fakes.daemon_process import daemon_env
 from tests.services import require_rabbitmq
-from tts_streamer.fakes.daemon_process import daemon_env
-from tts_streamer.supervisor.amqp_bridge import TopologyConflict, open_amqp_bridge
+from tts_streamer.adapters.amqp.bridge import TopologyConflict, open_amqp_bridge
 from tts_streamer.supervisor.config import DaemonConfig
 from tts_streamer.supervisor.daemon import topology
 

@@ -14,7 +14,7 @@ from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayInit
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimCall, SimConfig
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimCall, SimConfig
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
 
 TEXT = "x" * 10  # one second of audio at 0.1 s per char

@@ -20,10 +20,10 @@ from tests.fake_deliveries import FakeBroker
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.adapters.voipbin.routes import RouteName
-from tts_streamer.supervisor.command_plane import CommandPlane, RouteCall
 from tts_streamer.supervisor.config import DaemonConfig
 from tts_streamer.supervisor.daemon import request_deadlines
-from tts_streamer.supervisor.delivery_source import RequestDeadlines
+from tts_streamer.supervisor.services.command_plane import CommandPlane, RouteCall
+from tts_streamer.supervisor.services.delivery_source import RequestDeadlines
 
 POD_QUEUE = "bin-manager.tts-manager.request.pod-a"
 SHARED = "bin-manager.tts-manager.request"

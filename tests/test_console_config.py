@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from tests.test_console import serving_console, start_console
-from tts_streamer.supervisor import console as console_module
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
-from tts_streamer.supervisor.console import ConsoleConfigError
-from tts_streamer.supervisor.console_client import run_console_client
+from tts_streamer.supervisor.ops import console as console_module
+from tts_streamer.supervisor.ops.console import ConsoleConfigError
+from tts_streamer.supervisor.ops.console_client import run_console_client
 
 ROOT = Path(__file__).resolve().parent.parent
 

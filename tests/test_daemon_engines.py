@@ -9,7 +9,7 @@ import pytest
 
 from tts_streamer.supervisor.daemon import engines_from_environment
 from tts_streamer.supervisor.health import HttpRequest, Readiness, health_routes
-from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.metrics import Metrics
 
 CLOUD_VARIABLES = (
     "ELEVENLABS_API_KEY",

@@ -19,12 +19,12 @@ import trio
 
 from tests.amqp_support import Rig, open_rig
 from tests.amqp_vhost import private_amqp_url
+from tests.fakes.call_manager import FakeCallManager
+from tests.fakes.daemon_process import daemon_command, daemon_env
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tts_streamer.adapters.voipbin import envelope as wire
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
-from tts_streamer.fakes.call_manager import FakeCallManager
-from tts_streamer.fakes.daemon_process import daemon_command, daemon_env
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 pytestmark = pytest.mark.realtime
 __all__ = ["private_amqp_url"]  # the fixture, imported so this module's tests get a private vhost

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from tests.promql import GRAFANA_VARIABLE, metric_identifiers
-from tts_streamer.supervisor.metrics import Metrics, metric_names
+from tts_streamer.supervisor.ops.metrics import Metrics, metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "tts-streamer.json"

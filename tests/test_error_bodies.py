@@ -22,10 +22,10 @@ import trio
 
 from tests.amqp_support import Rig, open_rig
 from tests.amqp_vhost import private_amqp_url
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Response, VoipbinError
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 __all__ = ["private_amqp_url"]
 

@@ -19,10 +19,10 @@ import trio_asyncio
 
 from tests.amqp_vhost import private_vhost
 from tests.services import require_rabbitmq
+from tts_streamer.adapters.amqp.bridge import AmqpRefused, AmqpUnavailable, Topology, open_amqp_bridge
+from tts_streamer.adapters.amqp.event_publisher import EVENT_EXCHANGE, EventPublisher
 from tts_streamer.adapters.voipbin import envelope
-from tts_streamer.supervisor.amqp_bridge import AmqpRefused, AmqpUnavailable, Topology, open_amqp_bridge
-from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
-from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.metrics import Metrics
 
 
 def event(kind: str, text: str = "") -> envelope.Event:

@@ -19,6 +19,7 @@ import trio
 
 from tests.amqp_support import Rig, open_rig
 from tests.amqp_vhost import private_amqp_url
+from tests.fakes.flow_manager import FakeFlowManager, open_fake_flow_manager
 from tests.services import require_rabbitmq
 from tts_streamer.adapters.fallback import FallbackEngine
 from tts_streamer.adapters.synthetic import SyntheticEngine
@@ -35,7 +36,6 @@ from tts_streamer.adapters.voipbin.flow_manager import (
     variables_request,
 )
 from tts_streamer.adapters.voipbin.wire import NIL_UUID
-from tts_streamer.fakes.flow_manager import FakeFlowManager, open_fake_flow_manager
 from tts_streamer.supervisor.config import DaemonConfig
 
 FLOW = uuid.UUID("a620206c-87c4-11f0-a781-8f2bff99c0ea")

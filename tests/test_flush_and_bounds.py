@@ -20,8 +20,8 @@ from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import MediaConnection
 from tts_streamer.adapters.synthetic import SyntheticEngine, SyntheticStream, fill_byte
 from tts_streamer.adapters.voice import VoiceSpec
-from tts_streamer.fakes.asterisk import AsteriskSimulator
-from tts_streamer.supervisor.metrics import Metrics, run_session_command
+from tts_streamer.simulator.asterisk import AsteriskSimulator
+from tts_streamer.supervisor.ops.metrics import Metrics, run_session_command
 
 
 async def test_flush_media_goes_out_at_once_while_the_vendor_is_still_releasing(nursery, autojump_clock):

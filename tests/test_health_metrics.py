@@ -19,7 +19,7 @@ from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import CommandError, SayAdd, SayFlush, SayInit
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.adapters.synthetic import SyntheticEngine
-from tts_streamer.fakes.asterisk_call import SimConfig
+from tts_streamer.simulator.asterisk_call import SimConfig
 from tts_streamer.supervisor.health import (
     HttpRequest,
     HttpResponse,
@@ -28,7 +28,7 @@ from tts_streamer.supervisor.health import (
     Readiness,
     serve_http,
 )
-from tts_streamer.supervisor.metrics import BucketHistogram, Metrics, metric_names, run_session_command
+from tts_streamer.supervisor.ops.metrics import BucketHistogram, Metrics, metric_names, run_session_command
 
 # -- readiness --------------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from tts_streamer.supervisor.health import (
 )
 from tts_streamer.supervisor.http_slots import ConnectionSlots
 from tts_streamer.supervisor.media_http import MediaHttpServer
-from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.metrics import Metrics
 
 # Far longer than any test here: an answer cannot come from an idle connection timing out.
 PATIENT = HttpTimeouts(header=120.0, idle=120.0, request=120.0, handler=5.0, write=5.0)

@@ -13,8 +13,8 @@ from tests.support import media_uri, open_sim_supervisor
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayInit
 from tts_streamer.adapters.synthetic import SyntheticEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator
-from tts_streamer.supervisor.logging_setup import configure_logging
+from tts_streamer.simulator.asterisk import AsteriskSimulator
+from tts_streamer.supervisor.ops.logging_setup import configure_logging
 
 
 @pytest.fixture

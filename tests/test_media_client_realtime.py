@@ -12,7 +12,7 @@ from tts_streamer.actors.commands import SayAdd, SayInit
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import MediaTimeouts, websocket_dialer
 from tts_streamer.adapters.synthetic import SyntheticEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
+from tts_streamer.simulator.asterisk import AsteriskSimulator, serve_asterisk_simulator
 from tts_streamer.supervisor.sessions import open_supervisor
 
 pytestmark = pytest.mark.realtime
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.realtime
 
 @pytest.mark.parametrize("caller_audio", [True, False])
 async def test_stop_completes_the_close_handshake_while_caller_audio_flows(caller_audio: bool) -> None:
-    from tts_streamer.fakes.asterisk import SimConfig
+    from tts_streamer.simulator.asterisk import SimConfig
 
     sim = AsteriskSimulator(SimConfig(send_caller_audio=caller_audio), accept_any=True)
     engine = SyntheticEngine(seconds_per_char=0.1, speed=1.0)
@@ -51,7 +51,7 @@ async def test_stop_completes_the_close_handshake_while_caller_audio_flows(calle
 
 
 async def test_a_start_cancelled_by_the_callers_deadline_returns_promptly_and_still_closes() -> None:
-    from tts_streamer.fakes.asterisk import SimConfig
+    from tts_streamer.simulator.asterisk import SimConfig
 
     sim = AsteriskSimulator(SimConfig(never_send_media_start=True), accept_any=True)
     engine = SyntheticEngine()

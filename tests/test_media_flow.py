@@ -15,7 +15,7 @@ from tts_streamer.actors.commands import SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig
 from tts_streamer.supervisor.sessions import open_supervisor
 
 MEDIA_START = "MEDIA_START connection_id:x channel:c format:ulaw optimal_frame_size:160 ptime:20"

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from tests.test_dashboards import exported_series
-from tts_streamer.supervisor.metrics import Metrics, metric_names
+from tts_streamer.supervisor.ops.metrics import Metrics, metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "migrating.md").read_text()

@@ -23,7 +23,7 @@ from tts_streamer.adapters.piper_model import JobCancelled, PiperModel, SynthJob
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.vendor_stream import split_under
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
-from tts_streamer.fakes.asterisk import AsteriskSimulator
+from tts_streamer.simulator.asterisk import AsteriskSimulator
 
 SKIP_REASON = "the piper extra is not installed (pip install 'tts-streamer[piper]')"
 LONG_FIRST = (

@@ -10,8 +10,8 @@ import pytest
 
 from tts_streamer.adapters.engines import GO_POLLY_REGION, aws_settings, build_engines
 from tts_streamer.supervisor.health import HttpRequest, Readiness, health_routes
-from tts_streamer.supervisor.metrics import Metrics
-from tts_streamer.supervisor.providers import ProviderResolver
+from tts_streamer.supervisor.ops.metrics import Metrics
+from tts_streamer.supervisor.services.providers import ProviderResolver
 
 GO_ENV = {"AWS_ACCESS_KEY": "AKIAGOSTYLE", "AWS_SECRET_KEY": "go-secret"}
 
@@ -74,7 +74,7 @@ async def test_unavailable_provider_warns_per_request_and_counts(caplog: pytest.
     unavailable = {"aws": "no AWS credentials configured (AWS_ACCESS_KEY_ID or Go's AWS_ACCESS_KEY)"}
     resolver = ProviderResolver(frozenset({"espeak", "gcp"}), "espeak", unavailable, metrics)
     assert resolver.engine_for("gcp", request="speaking=1") == "gcp"
-    with caplog.at_level(logging.WARNING, logger="tts_streamer.supervisor.providers"):
+    with caplog.at_level(logging.WARNING, logger="tts_streamer.supervisor.services.providers"):
         assert resolver.engine_for("aws", request="speaking=2") is None
         assert resolver.engine_for("aws", request="speaking=3") is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -15,7 +15,7 @@ from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionStartError
 from tts_streamer.adapters.chan_websocket.protocol import ControlFormat
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig
 from tts_streamer.supervisor.sessions import DuplicateSession, UnknownSession
 
 THREE_SECONDS = "x" * 30  # 30 chars x 0.1 s per char

@@ -11,7 +11,7 @@ from tests.support import RecordingSink, media_uri, open_sim_supervisor, tasks_o
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.session import SessionConfig
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig
 
 LONG = "x" * 100  # 10 s of audio at 0.1 s per char
 

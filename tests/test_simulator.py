@@ -35,15 +35,15 @@ from tts_streamer.adapters.chan_websocket.protocol import (
     parse_event,
 )
 from tts_streamer.adapters.wav import WAVE_FORMAT_MULAW, read_wav
-from tts_streamer.fakes.asterisk import (
+from tts_streamer.simulator.asterisk import (
     AsteriskSimulator,
     SimCall,
     SimConfig,
     memory_dialer,
     serve_asterisk_simulator,
 )
-from tts_streamer.fakes.asterisk_playout import Playout
-from tts_streamer.fakes.ws_tap import WireTap
+from tts_streamer.simulator.asterisk_playout import Playout
+from tts_streamer.simulator.ws_tap import WireTap
 
 PHASE = 0.005
 FRAME = 160

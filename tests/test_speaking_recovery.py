@@ -15,7 +15,7 @@ import trio
 
 from tests.fake_speaking_store import FakeCallManager, FakeEvents, FakeSpeakingStore, virtual_clock
 from tts_streamer.adapters.voipbin.models import Speaking
-from tts_streamer.supervisor.speaking_recovery import LivenessConfig, OrphanSweeper
+from tts_streamer.supervisor.services.speaking_recovery import LivenessConfig, OrphanSweeper
 
 CONFIG = LivenessConfig(heartbeat_every=5.0, owner_timeout=60.0)
 

@@ -16,7 +16,7 @@ import trio
 
 from tests.fake_speaking_store import FakeEvents, FakeSpeakingStore, FakeStreams, virtual_clock
 from tts_streamer.adapters.voipbin.routes import match_route
-from tts_streamer.supervisor.speakings import SpeakingService, StopRetry
+from tts_streamer.supervisor.services.speakings import SpeakingService, StopRetry
 
 
 @attrs.define

@@ -16,6 +16,7 @@ import trio
 from tests.amqp_support import Rig, open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url
 from tests.db_support import Database, database_fixture
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tests.test_amqp_resilience import poll_until
 from tts_streamer.adapters import speaking_store as ss
@@ -23,8 +24,7 @@ from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
 from tts_streamer.adapters.voipbin.models import Speaking
 from tts_streamer.adapters.voipbin.wire import NIL_UUID, parse_timestamp
-from tts_streamer.fakes.asterisk import SimConfig
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
+from tts_streamer.simulator.asterisk import SimConfig
 
 pytestmark = pytest.mark.realtime
 db = database_fixture()

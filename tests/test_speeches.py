@@ -17,14 +17,14 @@ import trio
 
 from tests.amqp_support import open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tts_streamer.adapters.espeak import EspeakEngine
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec, VoiceStream
 from tts_streamer.adapters.wav import read_wav
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 from tts_streamer.supervisor.media_http import MediaHttpServer, Unsatisfiable, parse_range
-from tts_streamer.supervisor.speeches import (
+from tts_streamer.supervisor.services.speeches import (
     MediaCache,
     audio_level,
     media_base_url,

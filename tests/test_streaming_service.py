@@ -13,8 +13,8 @@ import trio
 from tests.streaming_fakes import open_service_rig
 from tts_streamer.actors import events as ev
 from tts_streamer.adapters.voipbin import models
-from tts_streamer.fakes.asterisk import SimConfig
-from tts_streamer.supervisor.streamings import REAP_DELAYS
+from tts_streamer.simulator.asterisk import SimConfig
+from tts_streamer.supervisor.services.streamings import REAP_DELAYS
 
 CREATE = models.StreamingCreate.from_data(
     {

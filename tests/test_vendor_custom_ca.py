@@ -16,9 +16,9 @@ from bench.netem import Certificates, DelayProxy, make_certificates
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.fakes.google_tts import GoogleTTSFake
+from tests.fakes.polly import PollyFake
 from tts_streamer.adapters.engines import build_engines, warm_engine
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.polly import PollyFake
 
 pytestmark = pytest.mark.realtime
 

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from tests.fakes.elevenlabs import ElevenLabsFake
+from tests.fakes.vendor_faults import Fault, fake_fill_byte
 from tests.vendor_support import FAULTS, finished, frames_of, say, vendor_call, wait_until
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayFlush
 from tts_streamer.adapters.elevenlabs import ElevenLabsEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
-from tts_streamer.fakes.elevenlabs import ElevenLabsFake
-from tts_streamer.fakes.vendor_faults import Fault, fake_fill_byte
 
 pytestmark = pytest.mark.realtime
 LONG = " ".join(f"Sentence number {i} goes on for a while." for i in range(12))

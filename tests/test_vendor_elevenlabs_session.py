@@ -10,6 +10,8 @@ from collections.abc import Callable
 import pytest
 import trio
 
+from tests.fakes.elevenlabs import MAX_CONTEXTS, ElevenLabsFake
+from tests.fakes.vendor_faults import Fault, fake_fill_byte
 from tests.support import RecordingSink, media_uri, open_sim_supervisor
 from tests.vendor_support import finished, frames_of, say, vendor_call, wait_until
 from tts_streamer.actors import events as ev
@@ -18,9 +20,7 @@ from tts_streamer.adapters.elevenlabs import ElevenLabsEngine
 from tts_streamer.adapters.fallback import FallbackEngine
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voice import VoiceSpec
-from tts_streamer.fakes.asterisk import AsteriskSimulator
-from tts_streamer.fakes.elevenlabs import MAX_CONTEXTS, ElevenLabsFake
-from tts_streamer.fakes.vendor_faults import Fault, fake_fill_byte
+from tts_streamer.simulator.asterisk import AsteriskSimulator
 
 pytestmark = pytest.mark.realtime
 LONG = " ".join(f"Sentence number {i} goes on for a while." for i in range(12))

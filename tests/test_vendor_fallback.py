@@ -15,6 +15,10 @@ import grpc
 import pytest
 import trio
 
+from tests.fakes.elevenlabs import ElevenLabsFake
+from tests.fakes.google_tts import GoogleTTSFake
+from tests.fakes.polly import PollyFake
+from tests.fakes.vendor_faults import Fault, fake_fill_byte
 from tests.vendor_support import finished, frames_of, say, vendor_call, wait_until
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayFlush
@@ -27,11 +31,7 @@ from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.synthetic import SyntheticEngine, fill_byte
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
 from tts_streamer.adapters.voices import flow_variable_name, select_voice, voice_from_variables
-from tts_streamer.fakes.asterisk import SimCall
-from tts_streamer.fakes.elevenlabs import ElevenLabsFake
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.polly import PollyFake
-from tts_streamer.fakes.vendor_faults import Fault, fake_fill_byte
+from tts_streamer.simulator.asterisk import SimCall
 
 SENTENCES = [f"This is sentence number {i}." for i in range(6)]
 TEXT = " ".join(SENTENCES)

@@ -11,6 +11,8 @@ import grpc
 import pytest
 import trio
 
+from tests.fakes.google_tts import GoogleTTSFake
+from tests.fakes.vendor_faults import Fault, fake_fill_byte
 from tests.vendor_support import (
     FAULTS,
     assert_threads_back,
@@ -26,8 +28,6 @@ from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayFlush
 from tts_streamer.adapters.google_tts import GoogleTTSEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.vendor_faults import Fault, fake_fill_byte
 
 pytestmark = pytest.mark.realtime
 LONG = " ".join(f"Sentence number {i} goes on for a while." for i in range(12))

@@ -12,6 +12,8 @@ import pytest
 import trio
 from botocore import exceptions as bexc
 
+from tests.fakes.polly import PollyFake
+from tests.fakes.vendor_faults import Fault, fake_fill_byte
 from tests.vendor_support import (
     FAULTS,
     assert_threads_back,
@@ -27,8 +29,6 @@ from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayFlush
 from tts_streamer.adapters.polly import PollyEngine, make_client, map_error
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
-from tts_streamer.fakes.polly import PollyFake
-from tts_streamer.fakes.vendor_faults import Fault, fake_fill_byte
 
 pytestmark = pytest.mark.realtime
 SENTENCES = [f"Sentence number {i} goes on for a while." for i in range(12)]

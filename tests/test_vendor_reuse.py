@@ -12,6 +12,8 @@ import pytest
 import trio
 from bench.netem import DelayProxy
 
+from tests.fakes.google_tts import GoogleTTSFake
+from tests.fakes.polly import PollyFake
 from tests.vendor_support import say, vendor_call, wait_until
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayFlush
@@ -19,8 +21,6 @@ from tts_streamer.adapters.engines import warm_engine, warm_engines
 from tts_streamer.adapters.google_tts import CHANNEL_OPTIONS, GoogleTTSEngine
 from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.polly import PollyFake
 
 pytestmark = pytest.mark.realtime  # threads, gRPC core and sockets: the real clock (vendors.md)
 

@@ -22,7 +22,7 @@ from tts_streamer.adapters.voice import (
     VoiceStream,
     open_session,
 )
-from tts_streamer.fakes.asterisk import AsteriskSimulator
+from tts_streamer.simulator.asterisk import AsteriskSimulator
 
 
 @attrs.define

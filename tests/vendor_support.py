@@ -11,12 +11,12 @@ import pytest
 import trio
 import trio._core._thread_cache as trio_thread_cache
 
+from tests.fakes.vendor_faults import fake_fill_byte
 from tests.support import RecordingSink, media_uri, open_sim_supervisor
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFinish, SayInit
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimCall
-from tts_streamer.fakes.vendor_faults import fake_fill_byte
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimCall
 from tts_streamer.supervisor.sessions import Supervisor
 
 FAULTS = ["slow_first_byte", "stall", "error", "drop", "malformed"]

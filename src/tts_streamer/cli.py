@@ -65,7 +65,7 @@ def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
     from tts_streamer.supervisor.config import ConfigError, DaemonConfig
     from tts_streamer.supervisor.daemon import run_daemon
     from tts_streamer.supervisor.gc_tuning import tune_gc
-    from tts_streamer.supervisor.logging_setup import configure_logging
+    from tts_streamer.supervisor.ops.logging_setup import configure_logging
 
     try:
         config = DaemonConfig.from_env(os.environ)
@@ -90,7 +90,7 @@ def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
 def _configuration_error(exc: BaseException) -> Exception | None:
     """The configuration error ``exc`` is, or the first one in its groups if nothing else failed."""
     from tts_streamer.supervisor.config import ConfigError
-    from tts_streamer.supervisor.console import ConsoleConfigError
+    from tts_streamer.supervisor.ops.console import ConsoleConfigError
 
     if isinstance(exc, ConfigError | ConsoleConfigError):
         return exc
@@ -102,7 +102,7 @@ def _configuration_error(exc: BaseException) -> Exception | None:
 
 
 async def _simulate(host: str, port: int) -> None:
-    from tts_streamer.fakes.asterisk import AsteriskSimulator, serve_asterisk_simulator
+    from tts_streamer.simulator.asterisk import AsteriskSimulator, serve_asterisk_simulator
 
     sim = AsteriskSimulator(accept_any=True)
     async with trio.open_nursery() as nursery:
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve()
     if args.command == "console":
-        from tts_streamer.supervisor.console_client import run_console_client
+        from tts_streamer.supervisor.ops.console_client import run_console_client
 
         return run_console_client(list(args.console_args))
     if args.command == "demo":

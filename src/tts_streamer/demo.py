@@ -19,7 +19,7 @@ from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import websocket_dialer
 from tts_streamer.adapters.synthetic import SyntheticEngine, tone
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimCall, serve_asterisk_simulator
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimCall, serve_asterisk_simulator
 from tts_streamer.supervisor.sessions import open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
 

@@ -1,10 +1,16 @@
-"""Helpers for Trio's strict exception groups, used where a component converts them to one error."""
+"""The configuration error every layer may raise, and helpers for Trio's strict exception groups, used
+where a component converts them to one error."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
+
+
+class ConfigError(ValueError):
+    """A setting (or what the broker holds under a configured name) the daemon cannot start with:
+    ``serve`` exits 2 naming it."""
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

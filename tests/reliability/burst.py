@@ -18,9 +18,9 @@ from typing import Any
 import trio
 
 from tests.amqp_support import Rig, open_rig, run_pod
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.reliability.common import CREATE_DEADLINE, Row, Settings, broker_url, create_body
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 
 async def create_on(rig: Rig) -> Response:

@@ -12,12 +12,12 @@ import trio
 
 from tests import amqp_support
 from tests.amqp_support import Rig
+from tests.fakes.daemon_process import DaemonProcess
 from tests.test_amqp_resilience import (
     poll_until,
 )
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.adapters.voipbin.envelope import Event, Response
-from tts_streamer.fakes.daemon_process import DaemonProcess
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from tests.test_amqp_resilience import (
 from tts_streamer.adapters.chan_websocket import protocol
 from tts_streamer.adapters.chan_websocket.client import open_media_connection
 from tts_streamer.adapters.voipbin.envelope import EventType
-from tts_streamer.fakes.asterisk import AsteriskSimulator, memory_dialer
+from tts_streamer.simulator.asterisk import AsteriskSimulator, memory_dialer
 
 # ------------------------------------------------------------------------------------------ 6. fuzz
 

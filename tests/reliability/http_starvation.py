@@ -19,9 +19,9 @@ import tempfile
 import attrs
 import trio
 
+from tests.fakes.daemon_process import free_port, open_daemon_process
+from tests.fakes.voipbin_client import open_voipbin_caller
 from tests.reliability.common import Row, Settings, broker_url
-from tts_streamer.fakes.daemon_process import free_port, open_daemon_process
-from tts_streamer.fakes.voipbin_client import open_voipbin_caller
 
 PROBE_TIMEOUT = 3.0  # the shipped liveness and readiness probes' timeoutSeconds
 PROBE_EVERY = 0.5

@@ -33,7 +33,7 @@ from tests.test_amqp_resilience import create, poll_until
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
-from tts_streamer.supervisor.metrics import count_tasks
+from tts_streamer.supervisor.ops.metrics import count_tasks
 
 # Small kernel buffers on the relay's side of a stalled leg, so the daemon's socket fills in seconds.
 STALL_RCVBUF = 4096

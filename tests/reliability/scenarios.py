@@ -19,6 +19,11 @@ import grpc
 import trio
 
 from tests.amqp_support import open_rig, run_pod
+from tests.fakes.elevenlabs import ElevenLabsFake
+from tests.fakes.google_tts import GoogleTTSFake
+from tests.fakes.polly import PollyFake
+from tests.fakes.vendor_faults import Fault
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.reliability.burst import request_burst
 from tests.reliability.common import (
     CREATE_DEADLINE,
@@ -59,12 +64,7 @@ from tts_streamer.adapters.google_tts import GoogleTTSEngine
 from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
-from tts_streamer.fakes.asterisk import SimConfig
-from tts_streamer.fakes.elevenlabs import ElevenLabsFake
-from tts_streamer.fakes.google_tts import GoogleTTSFake
-from tts_streamer.fakes.polly import PollyFake
-from tts_streamer.fakes.vendor_faults import Fault
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
+from tts_streamer.simulator.asterisk import SimConfig
 
 # ------------------------------------------------------------------------------------------ 1. broker
 

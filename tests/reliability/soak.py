@@ -9,6 +9,7 @@ import uuid
 import trio
 
 from tests.amqp_support import open_rig
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.reliability.common import (
     Row,
     Settings,
@@ -25,8 +26,7 @@ from tests.test_amqp_resilience import (
 from tests.test_speakings import body as speaking_body
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
-from tts_streamer.fakes.asterisk import SimConfig
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
+from tts_streamer.simulator.asterisk import SimConfig
 
 # ------------------------------------------------------------------------------------------ 5. soak
 

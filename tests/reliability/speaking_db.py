@@ -17,6 +17,8 @@ import sqlalchemy as sa
 import trio
 
 from tests.amqp_support import Rig, open_rig, run_pod
+from tests.fakes.daemon_process import open_daemon_process, synthetic_env
+from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.reliability.common import Row, Settings, broker_url, gather
 from tests.services import MARIADB_DSN
 from tests.test_amqp_resilience import poll_until
@@ -24,9 +26,7 @@ from tts_streamer.adapters.speaking_store import database_url, now_utc, open_spe
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import Event, EventType
 from tts_streamer.adapters.voipbin.wire import parse_timestamp
-from tts_streamer.fakes.asterisk import SimConfig
-from tts_streamer.fakes.daemon_process import open_daemon_process, synthetic_env
-from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
+from tts_streamer.simulator.asterisk import SimConfig
 
 BEFORE_ALL = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 HANG_UP_AFTER = 30.0  # a set-up budget: 10 creates and 10 says took over 11 s at load 9

@@ -16,13 +16,10 @@ from typing import TypeVar
 import attrs
 
 from tts_streamer.actors.media_socket import PacingConfig
+from tts_streamer.exceptions import ConfigError as ConfigError  # raised by adapters too (the bridge)
 
 T = TypeVar("T")
 _SHIPPED_PACING = PacingConfig()
-
-
-class ConfigError(ValueError):
-    pass
 
 
 # Between the broker sending a delivery and the daemon seeing it (frames buffered in the socket and the
@@ -191,7 +188,7 @@ class DaemonConfig:
 
 def _check_console_exposure(config: DaemonConfig) -> None:
     """A console on a non-loopback address needs ADMIN_TOKEN. Only literal addresses are judged here;
-    the console judges what a host name resolved to when it binds (supervisor/console.py)."""
+    the console judges what a host name resolved to when it binds (supervisor/ops/console.py)."""
     if not config.admin_host or config.admin_token:
         return
     try:

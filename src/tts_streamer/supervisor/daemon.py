@@ -18,42 +18,42 @@ import trio
 
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
-from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
-from tts_streamer.adapters.engines import warm_engines
-from tts_streamer.adapters.speaking_store import open_speaking_store
-from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.adapters.voipbin.flow_manager import FlowManager
-from tts_streamer.supervisor.amqp_bridge import (
+from tts_streamer.adapters.amqp.bridge import (
     AmqpBridge,
     ExchangeSpec,
     QueueSpec,
     Topology,
     open_amqp_bridge,
 )
-from tts_streamer.supervisor.call_manager import CallManager
-from tts_streamer.supervisor.command_plane import CONTROL_EXCHANGE, CommandPlane
+from tts_streamer.adapters.amqp.event_publisher import EVENT_EXCHANGE, EventPublisher
+from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
+from tts_streamer.adapters.engines import warm_engines
+from tts_streamer.adapters.speaking_store import open_speaking_store
+from tts_streamer.adapters.voice import VoiceEngine
+from tts_streamer.adapters.voipbin.call_manager import CallManager
+from tts_streamer.adapters.voipbin.flow_manager import FlowManager
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
-from tts_streamer.supervisor.console import default_console_path, serve_console
-from tts_streamer.supervisor.delivery_source import RequestDeadlines
 from tts_streamer.supervisor.event_bus import EventBus
-from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
 from tts_streamer.supervisor.health import Readiness, serve_http
 from tts_streamer.supervisor.media_http import MediaHttpServer
-from tts_streamer.supervisor.metrics import Metrics
-from tts_streamer.supervisor.providers import ProviderResolver
-from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
-from tts_streamer.supervisor.signals import serve_shutdown_signals
-from tts_streamer.supervisor.speaking_parts import local_store_warning
-from tts_streamer.supervisor.speaking_recovery import LivenessConfig, OrphanSweeper
-from tts_streamer.supervisor.speakings import SpeakingService, StopRetry
-from tts_streamer.supervisor.speeches import (
+from tts_streamer.supervisor.ops.console import default_console_path, serve_console
+from tts_streamer.supervisor.ops.metrics import Metrics
+from tts_streamer.supervisor.services.command_plane import CONTROL_EXCHANGE, CommandPlane
+from tts_streamer.supervisor.services.delivery_source import RequestDeadlines
+from tts_streamer.supervisor.services.providers import ProviderResolver
+from tts_streamer.supervisor.services.speaking_parts import local_store_warning
+from tts_streamer.supervisor.services.speaking_recovery import LivenessConfig, OrphanSweeper
+from tts_streamer.supervisor.services.speakings import SpeakingService, StopRetry
+from tts_streamer.supervisor.services.speeches import (
     MediaCache,
     SpeechService,
     media_base_url,
     media_url_port,
     offline_engine_name,
 )
-from tts_streamer.supervisor.streamings import StreamingService
+from tts_streamer.supervisor.services.streamings import StreamingService
+from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
+from tts_streamer.supervisor.signals import serve_shutdown_signals
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import h11
 import trio
 
 from tts_streamer.supervisor.http_slots import ConnectionSlots, Slot
-from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.metrics import Metrics
 from tts_streamer.supervisor.serving import serve_stream_listeners
 from tts_streamer.supervisor.sessions import Supervisor
 

@@ -6,7 +6,7 @@ opened), and the harness's GC pauses would stall the daemon. So the child runs `
 exactly (``cli.serve``: configuration from the environment, the same GC tuning), optionally with the
 synthetic voice registered, which ``serve`` alone cannot offer:
 
-    python -m tts_streamer.fakes.daemon_process      # SYNTHETIC_SECONDS_PER_CHAR, SYNTHETIC_SPEED
+    python -m tests.fakes.daemon_process      # SYNTHETIC_SECONDS_PER_CHAR, SYNTHETIC_SPEED
 
 ``open_daemon_process`` starts it, waits until it answers on its pod queue, reads its ``/metrics``, and
 stops it with SIGTERM (a graceful drain), killing it only if that takes too long.
@@ -30,8 +30,9 @@ import attrs
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tts_streamer.fakes.voipbin_client import VoipbinCaller
+from tests.fakes.voipbin_client import VoipbinCaller
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVE_TIMEOUT = 30.0  # import, broker connection, queue declarations, on a loaded machine
 STOP_TIMEOUT = 20.0  # longer than the drain the environment sets
 
@@ -61,6 +62,9 @@ def daemon_env(
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TTS_", "RABBITMQ_"))}
     env.update(
         {
+            # ``python -m tests.fakes.daemon_process`` from any working directory: this module is test
+            # code, outside the installed package.
+            "PYTHONPATH": os.pathsep.join(filter(None, (REPO_ROOT, os.environ.get("PYTHONPATH")))),
             "RABBITMQ_ADDRESS": url,
             "POD_ID": pod_id,
             "DEFAULT_ENGINE": engine,
@@ -89,7 +93,7 @@ def synthetic_env(seconds_per_char: float, speed: float) -> dict[str, str]:
 def daemon_command(engine: str = "synthetic") -> list[str]:
     """``tts-streamer serve``, or this module (the same serve) when the voice is the synthetic one."""
     if engine == "synthetic":
-        return [sys.executable, "-m", "tts_streamer.fakes.daemon_process"]
+        return [sys.executable, "-m", "tests.fakes.daemon_process"]
     script = shutil.which("tts-streamer", path=os.path.dirname(sys.executable))
     return [script, "serve"] if script else [sys.executable, "-m", "tts_streamer.cli", "serve"]
 

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 
 import attrs
 
-from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

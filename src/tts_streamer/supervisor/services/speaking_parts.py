@@ -1,5 +1,6 @@
 """The pieces of the speaking service that are not routes: its state per live speaking, its settings
-and counters, the stop-write retry loop, and the list route's query parsing (supervisor/speakings.py)."""
+and counters, the stop-write retry loop, and the list route's query parsing
+(supervisor/services/speakings.py)."""
 
 from __future__ import annotations
 
@@ -41,13 +42,13 @@ STOPPED: Final = SpeakingStatus.STOPPED.value
 
 
 class EventSink(Protocol):
-    """Where voipbin events go (supervisor/event_publisher.EventPublisher; a list in tests)."""
+    """Where voipbin events go (adapters/amqp/event_publisher.EventPublisher; a list in tests)."""
 
     def publish(self, event: Event) -> None: ...
 
 
 class SpeakingStreams(Protocol):
-    """What a speaking needs of the streaming service (supervisor/streamings.py; a fake in tests)."""
+    """What a speaking needs of the streaming service (supervisor/services/streamings.py; a fake in tests)."""
 
     async def start(
         self,

@@ -24,8 +24,8 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from tests.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
 from tts_streamer.exceptions import first_of
-from tts_streamer.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
 
 PATH_PREFIX, PATH_SUFFIX = "/v1/text-to-speech/", "/multi-stream-input"
 MAX_CONTEXTS = 5

@@ -29,7 +29,7 @@ from tts_streamer.adapters.chan_websocket.protocol import (
     parse_command,
     render_control_event,
 )
-from tts_streamer.fakes.asterisk_call import (
+from tts_streamer.simulator.asterisk_call import (
     BinaryMessage,
     ControlMessage,
     Gap,

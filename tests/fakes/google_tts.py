@@ -25,7 +25,7 @@ from google.cloud.texttospeech import (
     StreamingSynthesizeResponse,
 )
 
-from tts_streamer.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
+from tests.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
 
 SERVICE = "google.cloud.texttospeech.v1.TextToSpeech"
 STREAMING_ENCODINGS = {AudioEncoding.PCM, AudioEncoding.ALAW, AudioEncoding.MULAW, AudioEncoding.OGG_OPUS}

@@ -30,12 +30,12 @@ import attrs
 import trio
 
 from tts_streamer.actors.stats import LatenessRecorder
+from tts_streamer.adapters.amqp.bridge import AmqpUnavailable, Delivery
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Request, Response
 from tts_streamer.adapters.voipbin.routes import RouteMatch, RouteName, match_route
 from tts_streamer.adapters.voipbin.wire import WireError
-from tts_streamer.supervisor.amqp_bridge import AmqpUnavailable, Delivery
-from tts_streamer.supervisor.delivery_source import CREATE_ROUTES, DeliverySource, RequestDeadlines
+from tts_streamer.supervisor.services.delivery_source import CREATE_ROUTES, DeliverySource, RequestDeadlines
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from tts_streamer.fakes.asterisk_call import ClientFault
+from tts_streamer.simulator.asterisk_call import ClientFault
 
 _CONTINUATION, _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

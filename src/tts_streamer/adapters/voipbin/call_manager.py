@@ -8,11 +8,11 @@ from typing import Protocol
 
 import trio
 
+from tts_streamer.adapters.amqp.bridge import AmqpBridge, AmqpUnavailable
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Response, VoipbinError
 from tts_streamer.adapters.voipbin.models import ExternalMedia, ExternalMediaCreate
 from tts_streamer.adapters.voipbin.wire import WireError
-from tts_streamer.supervisor.amqp_bridge import AmqpBridge, AmqpUnavailable
 
 log = logging.getLogger(__name__)
 

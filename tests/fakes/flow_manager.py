@@ -14,11 +14,11 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from tts_streamer.adapters.amqp.bridge import AmqpBridge, Delivery, QueueSpec, Topology, open_amqp_bridge
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.adapters.voipbin.flow_manager import FLOW_MANAGER_QUEUE
 from tts_streamer.adapters.voipbin.wire import WireError
-from tts_streamer.supervisor.amqp_bridge import AmqpBridge, Delivery, QueueSpec, Topology, open_amqp_bridge
 
 MODES = ("ok", "error500", "typed_error", "garbage", "slow", "silent")
 

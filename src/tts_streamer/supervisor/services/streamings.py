@@ -29,17 +29,17 @@ from tts_streamer.actors.commands import (
 from tts_streamer.actors.session import Session, SessionStartError
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.adapters.voipbin import envelope, models
-from tts_streamer.adapters.voipbin.envelope import EventType, Response
-from tts_streamer.adapters.voipbin.flow_manager import FlowManager, look_up_flow_voice
-from tts_streamer.adapters.voipbin.routes import RouteName
-from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
-from tts_streamer.supervisor.call_manager import (
+from tts_streamer.adapters.voipbin.call_manager import (
     CallManagerError,
     ExternalMedias,
     stop_external_media_quietly,
 )
-from tts_streamer.supervisor.command_plane import Handler, NotOwned, RouteCall
-from tts_streamer.supervisor.metrics import Metrics, run_session_command
+from tts_streamer.adapters.voipbin.envelope import EventType, Response
+from tts_streamer.adapters.voipbin.flow_manager import FlowManager, look_up_flow_voice
+from tts_streamer.adapters.voipbin.routes import RouteName
+from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
+from tts_streamer.supervisor.ops.metrics import Metrics, run_session_command
+from tts_streamer.supervisor.services.command_plane import Handler, NotOwned, RouteCall
 from tts_streamer.supervisor.sessions import Supervisor
 
 log = logging.getLogger(__name__)

@@ -41,14 +41,14 @@ from prometheus_client.registry import Collector
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import Command, CommandError, SayFlush
 from tts_streamer.actors.session import Session
-from tts_streamer.supervisor.console_views import task_tree
 from tts_streamer.supervisor.event_bus import EventBus
+from tts_streamer.supervisor.ops.console_views import task_tree
 from tts_streamer.supervisor.sessions import Supervisor
 
 if TYPE_CHECKING:
-    from tts_streamer.supervisor.amqp_bridge import AmqpBridge
-    from tts_streamer.supervisor.command_plane import PlaneStats
-    from tts_streamer.supervisor.event_publisher import EventPublisher
+    from tts_streamer.adapters.amqp.bridge import AmqpBridge
+    from tts_streamer.adapters.amqp.event_publisher import EventPublisher
+    from tts_streamer.supervisor.services.command_plane import PlaneStats
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import attrs
 
+from tests.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
 from tts_streamer.adapters.codecs import ULAW_DECODE_TABLE
-from tts_streamer.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
 
 THREAD_PREFIX = "fake-polly"
 MAX_CHARACTERS = 6000

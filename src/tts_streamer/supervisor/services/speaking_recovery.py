@@ -35,11 +35,11 @@ import trio
 
 from tts_streamer.adapters.speaking_schema import SpeakingRows, StoreError, now_utc
 from tts_streamer.adapters.voipbin import envelope, models
+from tts_streamer.adapters.voipbin.call_manager import CallManagerError
 from tts_streamer.adapters.voipbin.envelope import EventType
 from tts_streamer.adapters.voipbin.models import Speaking
 from tts_streamer.adapters.voipbin.wire import NIL_UUID
-from tts_streamer.supervisor.call_manager import CallManagerError
-from tts_streamer.supervisor.speaking_parts import ACTIVE, EventSink
+from tts_streamer.supervisor.services.speaking_parts import ACTIVE, EventSink
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _MEDIA_DELETE_TIMEOUT: Final = 3.0
 
 
 class MediaDeleter(Protocol):
-    """call-manager's external-media DELETE (supervisor/call_manager.CallManager; a fake in tests)."""
+    """call-manager's external-media DELETE (adapters/voipbin/call_manager.CallManager; a fake in tests)."""
 
     async def delete_external_media(self, media_id: uuid.UUID) -> None: ...
 

@@ -42,10 +42,10 @@ from tts_streamer.adapters.voipbin.wire import (
     TextTooLongError,
     WireError,
 )
-from tts_streamer.supervisor.command_plane import Handler, NotOwned
-from tts_streamer.supervisor.providers import ProviderResolver
-from tts_streamer.supervisor.speaking_ends import SpeakingEnds
-from tts_streamer.supervisor.speaking_parts import (
+from tts_streamer.supervisor.services.command_plane import Handler, NotOwned
+from tts_streamer.supervisor.services.providers import ProviderResolver
+from tts_streamer.supervisor.services.speaking_ends import SpeakingEnds
+from tts_streamer.supervisor.services.speaking_parts import (
     ACTIVE,
     DEFAULT_PROVIDER,
     INITIATING,

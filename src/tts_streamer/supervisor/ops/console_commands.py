@@ -17,7 +17,8 @@ import trio
 
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.session import Session
-from tts_streamer.supervisor.console_views import (
+from tts_streamer.supervisor.event_bus import EventBus
+from tts_streamer.supervisor.ops.console_views import (
     EventHistory,
     error_row,
     event_details,
@@ -30,8 +31,7 @@ from tts_streamer.supervisor.console_views import (
     table,
     walk_tasks,
 )
-from tts_streamer.supervisor.event_bus import EventBus
-from tts_streamer.supervisor.metrics import Metrics, run_session_command
+from tts_streamer.supervisor.ops.metrics import Metrics, run_session_command
 from tts_streamer.supervisor.sessions import Supervisor
 
 SESSION_COLUMNS = (

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from tts_streamer.adapters.amqp.bridge import AmqpRefused, AmqpUnavailable
 from tts_streamer.adapters.voipbin import envelope
-from tts_streamer.supervisor.amqp_bridge import AmqpRefused, AmqpUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""How a speaking ends (the state and half of SpeakingService, supervisor/speakings.py, that is not
+"""How a speaking ends (the state and half of SpeakingService, supervisor/services/speakings.py, that is not
 routes): the stream-end listeners, the one writer per ended speaking that stops its row with the real
 end time, retried while the database fails, and the ``speaking_stopped`` announcement, exactly once.
 docs/speakings.md, "Every speaking_started gets exactly one speaking_stopped"."""
@@ -17,7 +17,7 @@ from tts_streamer.adapters.speaking_schema import SpeakingRows, StoreError, now_
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.adapters.voipbin.models import Speaking
-from tts_streamer.supervisor.speaking_parts import (
+from tts_streamer.supervisor.services.speaking_parts import (
     ACTIVE,
     INITIATING,
     EventSink,
@@ -29,7 +29,7 @@ from tts_streamer.supervisor.speaking_parts import (
     write_stop_with_retries,
 )
 
-log = logging.getLogger("tts_streamer.supervisor.speakings")  # one logger for the whole service
+log = logging.getLogger("tts_streamer.supervisor.services.speakings")  # one logger for the whole service
 
 
 class SpeakingEnds:

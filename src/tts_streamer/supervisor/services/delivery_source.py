@@ -38,8 +38,8 @@ from typing import Any, Final, Protocol
 import attrs
 import trio
 
+from tts_streamer.adapters.amqp.bridge import Delivery
 from tts_streamer.adapters.voipbin.routes import RouteName
-from tts_streamer.supervisor.amqp_bridge import Delivery
 from tts_streamer.supervisor.config import DELIVERY_ALLOWANCE
 
 # Creating a streaming dials a call leg and makes call-manager create an external media: run late, for

@@ -32,8 +32,8 @@ import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from tts_streamer.supervisor.config import ConfigError
-from tts_streamer.supervisor.queue_probe import QueueProbe
+from tts_streamer.adapters.amqp.queue_probe import QueueProbe
+from tts_streamer.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class AmqpBridge:
     async def queue_exists(self, name: str) -> bool | None:
         """Does queue ``name`` exist (e.g. a caller's reply queue)? None when the broker cannot tell.
 
-        Probed on a connection of its own (supervisor/queue_probe.py says why); without one (a bridge
+        Probed on a connection of its own (adapters/amqp/queue_probe.py says why); without one (a bridge
         built by hand) the answer is None.
         """
         return None if self._probe is None else await self._probe.exists(name)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from tts_streamer.supervisor.console import (
+from tts_streamer.supervisor.ops.console import (
     ConsoleConfigError,
     check_private_directory,
     default_console_path,

@@ -40,9 +40,9 @@ from tts_streamer.adapters.chan_websocket.protocol import (
     MediaStart,
     render_event,
 )
-from tts_streamer.fakes.asterisk_call import ClientFault, SentEvent, SimCall, SimConfig
-from tts_streamer.fakes.asterisk_playout import TICK, Playout
-from tts_streamer.fakes.ws_tap import WireTap
+from tts_streamer.simulator.asterisk_call import ClientFault, SentEvent, SimCall, SimConfig
+from tts_streamer.simulator.asterisk_playout import TICK, Playout
+from tts_streamer.simulator.ws_tap import WireTap
 
 __all__ = [
     "AsteriskSimulator",

@@ -41,8 +41,8 @@ from tts_streamer.adapters.voipbin.models import Speech, SpeechCreate
 from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import WireError
 from tts_streamer.adapters.wav import pcm16_wav_bytes
-from tts_streamer.supervisor.command_plane import Handler
 from tts_streamer.supervisor.config import ConfigError
+from tts_streamer.supervisor.services.command_plane import Handler
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from tts_streamer.adapters.amqp.bridge import AmqpBridge, Delivery, QueueSpec, Topology, open_amqp_bridge
 from tts_streamer.adapters.voipbin import envelope, models
+from tts_streamer.adapters.voipbin.call_manager import CALL_MANAGER_QUEUE
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.adapters.voipbin.wire import WireError
-from tts_streamer.fakes.asterisk import AsteriskSimulator, SimConfig
-from tts_streamer.supervisor.amqp_bridge import AmqpBridge, Delivery, QueueSpec, Topology, open_amqp_bridge
-from tts_streamer.supervisor.call_manager import CALL_MANAGER_QUEUE
+from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig
 
 log = logging.getLogger(__name__)
 
