@@ -21,7 +21,7 @@ from tts_streamer.adapters.chan_websocket.client import MediaConnection
 from tts_streamer.adapters.synthetic import SyntheticEngine, SyntheticStream, fill_byte
 from tts_streamer.adapters.voice import VoiceSpec
 from tts_streamer.simulator.asterisk import AsteriskSimulator
-from tts_streamer.supervisor.ops.metrics import Metrics, run_session_command
+from tts_streamer.supervisor.ops.metrics import Metrics
 
 
 async def test_flush_media_goes_out_at_once_while_the_vendor_is_still_releasing(nursery, autojump_clock):
@@ -59,12 +59,13 @@ async def test_flush_to_silence_is_measured_to_flush_media_not_to_the_reply(nurs
     engine = SlowReleaseEngine(release_delay=1.0, seconds_per_char=0.1)
     metrics = Metrics()
     async with open_sim_supervisor(sim, engine, nursery) as (sup, sink):
+        sup.observer = metrics
         await sup.start_session("c1", media_uri("c1"))
-        await run_session_command(sup, "c1", SayInit(), metrics)
-        await run_session_command(sup, "c1", SayAdd("words " * 20), metrics)
+        await sup.call("c1", SayInit())
+        await sup.call("c1", SayAdd("words " * 20))
         await sink.wait_for(ev.PlayStarted, "c1")
         started = trio.current_time()
-        await run_session_command(sup, "c1", SayFlush(), metrics)
+        await sup.call("c1", SayFlush())
         assert trio.current_time() - started >= 1.0  # the reply waited for the release
     observed = metrics.registry.get_sample_value("tts_streamer_flush_to_silence_seconds_sum")
     assert metrics.registry.get_sample_value("tts_streamer_flush_to_silence_seconds_count") == 1

@@ -28,7 +28,7 @@ from tts_streamer.supervisor.health import (
     Readiness,
     serve_http,
 )
-from tts_streamer.supervisor.ops.metrics import BucketHistogram, Metrics, metric_names, run_session_command
+from tts_streamer.supervisor.ops.metrics import BucketHistogram, Metrics, metric_names
 
 # -- readiness --------------------------------------------------------------------------------------------
 
@@ -311,13 +311,12 @@ async def test_hangups_and_vendor_errors_are_counted(nursery, autojump_clock):
 async def test_command_plane_path_times_flushes_and_counts_refusals(nursery, autojump_clock):
     async with open_daemon(nursery, engine=SyntheticEngine(seconds_per_char=0.1, speed=2.0)) as daemon:
         await daemon.start("c1")
-        metrics = daemon.metrics
-        await run_session_command(daemon.supervisor, "c1", SayInit(), metrics)
-        await run_session_command(daemon.supervisor, "c1", SayAdd(LONG_TEXT), metrics)
+        await daemon.supervisor.call("c1", SayInit())
+        await daemon.supervisor.call("c1", SayAdd(LONG_TEXT))
         await wait_for_event(daemon.bus, ev.PlayStarted, "c1")
-        await run_session_command(daemon.supervisor, "c1", SayFlush(), metrics)
+        await daemon.supervisor.call("c1", SayFlush())
         with pytest.raises(CommandError):
-            await run_session_command(daemon.supervisor, "c1", SayAdd(""), metrics)
+            await daemon.supervisor.call("c1", SayAdd(""))
         scraped = await daemon.scrape()
     assert scraped["tts_streamer_flush_to_silence_seconds_count"] == 1
     assert scraped["tts_streamer_command_errors_total{kind=empty_text}"] == 1

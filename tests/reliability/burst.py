@@ -20,6 +20,7 @@ import trio
 from tests.amqp_support import Rig, open_rig, run_pod
 from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.reliability.common import CREATE_DEADLINE, Row, Settings, broker_url, create_body
+from tts_streamer.actors.commands import Command, SayAdd
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
 
 
@@ -59,15 +60,16 @@ async def request_burst(settings: Settings) -> Row:
             for _ in range(abandoned):  # nobody consumes: the callers time out and their queues go
                 await rig.caller.call(SHARED_QUEUE, "/v1/streamings", "POST", create_body(), wait=0.1)
             async with run_pod(rig) as pod:
-                streamings = pod.handle.streamings
-                original = streamings.say_add
+                supervisor = pod.handle.supervisor
+                original = supervisor.call
 
-                async def recording_say_add(streaming_id: uuid.UUID, data: Any) -> Any:
-                    if isinstance(data, dict) and isinstance(data.get("text"), str):
-                        started.setdefault(data["text"], []).append(time.monotonic())
-                    return await original(streaming_id, data)
+                # Where a say_add reaches its session (the service's one way in): when it started.
+                async def recording_call(call_id: str, command: Command) -> Any:
+                    if isinstance(command, SayAdd) and isinstance(command.text, str):
+                        started.setdefault(command.text, []).append(time.monotonic())
+                    return await original(call_id, command)
 
-                streamings.say_add = recording_say_add  # type: ignore[method-assign]
+                supervisor.call = recording_call  # type: ignore[method-assign]
                 sids = [await _setup(lambda: create_on(rig)) for _ in range(n)]
                 message_ids = {}
                 for sid in sids:

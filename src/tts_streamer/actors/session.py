@@ -8,6 +8,10 @@ still queued is skipped). Flush sends FLUSH_MEDIA and drops the audio queued bet
 releasing the vendor stream concurrently; the call stays up. Stop cancels the session's scope from
 outside the inbox (it must not wait behind queued commands); the media socket then closes normally
 under a shielded, bounded scope, which hangs up the external-media leg.
+
+Over the ~400-line guide on purpose: the command handlers, the actors' listener callbacks and the
+lifecycle share one private state (the open message, the utterance numbering, the reply in flight) and
+one invariant (every reply answered exactly once); split across modules, no one file would show it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Literal, cast, overload
 
 import attrs
 import trio
@@ -43,9 +47,14 @@ from tts_streamer.adapters.chan_websocket.client import (
     MediaTimeouts,
     open_media_connection,
 )
-from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
+from tts_streamer.adapters.voice import VendorSwitch, VoiceEngine, VoiceError, VoiceSpec
 
 log = logging.getLogger(__name__)
+
+
+# connecting: until MEDIA_START; idle: no text queued for the vendor; speaking: since a say_add, until
+# its message completes or a flush; stopped: the session has ended.
+SessionState = Literal["connecting", "idle", "speaking", "stopped"]
 
 
 class SessionStartError(Exception):
@@ -101,7 +110,7 @@ class Session:
         self.media_uri = media_uri
         self.engine = engine
         self.voice = voice
-        self.state = "connecting"
+        self.state: SessionState = "connecting"
         self.started_at = trio.current_time()
         self.last_event: ev.SessionEvent | None = None
         self.media: MediaSocket | None = None
@@ -133,7 +142,16 @@ class Session:
     def message_id(self) -> str | None:
         return None if self._message is None else self._message.message_id
 
-    async def call(self, command: Command, *, patience: float | None = None) -> object:
+    @overload
+    async def call(self, command: SayInit, *, patience: float | None = None) -> str: ...
+    @overload
+    async def call(self, command: SayFlush, *, patience: float | None = None) -> int: ...
+    @overload
+    async def call(self, command: SayAdd | SayFinish, *, patience: float | None = None) -> None: ...
+    @overload
+    async def call(self, command: Command, *, patience: float | None = None) -> str | int | None: ...
+
+    async def call(self, command: Command, *, patience: float | None = None) -> str | int | None:
         """Queue a command behind earlier ones and wait for its result (raises CommandError).
 
         Waits at most ``patience`` seconds (default: the config's ``command_timeout``), then raises
@@ -151,12 +169,12 @@ class Session:
         limit = self._config.command_timeout if patience is None else patience
         try:
             with trio.move_on_after(limit):
-                return await reply.wait()
+                return _result(await reply.wait())
         finally:
             # Timed out, or the caller was cancelled: a command not started yet is then skipped. A
             # no-op when the reply is already complete (then that result is returned below).
             reply.fail(CommandError("timeout", f"session {self.call_id} did not answer within {limit} s"))
-        return await reply.wait()
+        return _result(await reply.wait())
 
     def prepare_stop(self, reason: str) -> None:
         """Say the session is about to be stopped for ``reason`` (e.g. a DELETE, before call-manager
@@ -272,7 +290,7 @@ class Session:
                 reply.succeed(result)
             self._in_flight = None
 
-    async def _apply(self, command: Command) -> object:
+    async def _apply(self, command: Command) -> str | int | None:
         if isinstance(command, SayInit):
             return self._say_init(command.message_id)
         if isinstance(command, SayAdd):
@@ -411,18 +429,16 @@ class Session:
     def on_first_audio(self, utterance: int, seconds: float) -> None:
         self._emit(ev.VendorFirstAudio(self.call_id, self.engine.name, seconds))
 
-    def on_vendors_spoke(self, utterance: int, vendors: tuple[str, ...], switches: tuple[Any, ...]) -> None:
+    def on_vendors_spoke(
+        self, utterance: int, vendors: tuple[str, ...], switches: tuple[VendorSwitch, ...]
+    ) -> None:
         message = self._utterance_message.get(utterance)
         if message is not None:
             message.spoken_by.extend(v for v in vendors if v not in message.spoken_by)
         for switch in switches:
             self._emit(
                 ev.VoiceFallback(
-                    self.call_id,
-                    str(getattr(switch, "from_vendor", "")),
-                    getattr(switch, "to_vendor", None),
-                    str(getattr(switch, "kind", "")),
-                    int(getattr(switch, "resumed_at", 0)),
+                    self.call_id, switch.from_vendor, switch.to_vendor, switch.kind, switch.resumed_at
                 )
             )
 
@@ -437,3 +453,8 @@ class Session:
     def _emit(self, event: ev.SessionEvent) -> None:
         self.last_event = event
         self._events.emit(event)
+
+
+def _result(value: object) -> str | int | None:
+    """A reply's result as ``_apply`` produced it (SayInit: the message id; SayFlush: frames dropped)."""
+    return cast("str | int | None", value)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
 from tts_streamer.actors.audio import AudioChunk, AudioSink, UtteranceEnd
 from tts_streamer.adapters.voice import (
+    ReportsSwitches,
+    SaysWhoSpoke,
+    VendorSwitch,
     VoiceEngine,
     VoiceError,
     VoiceSession,
@@ -49,8 +52,10 @@ class VendorListener(Protocol):
 
     def on_first_audio(self, utterance: int, seconds: float) -> None: ...
 
-    def on_vendors_spoke(self, utterance: int, vendors: tuple[str, ...], switches: tuple[Any, ...]) -> None:
-        """``switches``: the stream's fall-over records (from_vendor, to_vendor, kind, resumed_at...)."""
+    def on_vendors_spoke(
+        self, utterance: int, vendors: tuple[str, ...], switches: tuple[VendorSwitch, ...]
+    ) -> None:
+        """``switches``: the stream's fall-over records, in order."""
         ...
 
 
@@ -155,12 +160,12 @@ class Vendor:
             finally:
                 # Which vendors spoke (a fallback chain may have switched mid-utterance); engines
                 # that do not say are taken to have spoken if they produced audio.
-                spoken_by = getattr(stream, "spoken_by", None)
-                if spoken_by is None:
-                    spoken_by = [] if first_audio else [self.engine.name]
-                self._listener.on_vendors_spoke(
-                    utterance, tuple(spoken_by), tuple(getattr(stream, "switches", ()))
-                )
+                if isinstance(stream, SaysWhoSpoke):
+                    spoken_by = tuple(stream.spoken_by)
+                else:
+                    spoken_by = () if first_audio else (self.engine.name,)
+                switches = tuple(stream.switches) if isinstance(stream, ReportsSwitches) else ()
+                self._listener.on_vendors_spoke(utterance, spoken_by, switches)
         await self._audio_out.send(UtteranceEnd(utterance))
 
     async def _feed(self, stream: VoiceStream, utterance: int) -> None:

@@ -47,6 +47,9 @@ from tts_streamer.adapters.voice import (
     VoiceStream,
     open_session,
 )
+from tts_streamer.adapters.voice import (
+    VendorSwitch as VendorSwitch,  # was defined here: its importers keep working
+)
 from tts_streamer.exceptions import first_of, leaves
 
 log = logging.getLogger(__name__)
@@ -57,20 +60,6 @@ BYTES_PER_SECOND = 8000
 class ReportsProgress(Protocol):
     @property
     def inputs_spoken(self) -> int: ...
-
-
-@attrs.frozen
-class VendorSwitch:
-    """One fall-over inside an utterance. ``resumed_at``: index of the first unit the next vendor speaks."""
-
-    from_vendor: str
-    to_vendor: str | None  # None: no vendor left, the utterance ends with an error
-    kind: str
-    reason: str
-    resumed_at: int
-    units: int
-    had_audio: bool
-    at: float
 
 
 @attrs.define

@@ -30,7 +30,6 @@ import numpy as np
 import trio
 
 from tts_streamer.adapters.codecs import StreamResampler, ulaw_encode
-from tts_streamer.adapters.fallback import VendorSwitch
 from tts_streamer.adapters.piper_model import (
     JobCancelled,
     PiperModel,
@@ -47,7 +46,7 @@ from tts_streamer.adapters.vendor_stream import (
     wait_future,
 )
 from tts_streamer.adapters.vendor_stream import split_under as _split_under
-from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec, VoiceStream
+from tts_streamer.adapters.voice import VendorSwitch, VoiceEngine, VoiceError, VoiceSpec, VoiceStream
 
 log = logging.getLogger(__name__)
 

@@ -41,12 +41,39 @@ class VoiceSpec:
     speaking_rate: float = 1.0
 
 
+@attrs.frozen
+class VendorSwitch:
+    """One fall-over inside an utterance (a stream reports them, ``ReportsSwitches``). ``resumed_at``:
+    index of the first unit the next vendor speaks."""
+
+    from_vendor: str
+    to_vendor: str | None  # None: no vendor left, the utterance ends with an error
+    kind: str
+    reason: str
+    resumed_at: int
+    units: int
+    had_audio: bool
+    at: float
+
+
 class VoiceStream(Protocol):
     async def send_text(self, text: str) -> None: ...
 
     async def end_input(self) -> None: ...
 
     def audio(self) -> AsyncGenerator[bytes, None]: ...
+
+
+# Optional parts of a stream (a fallback chain has both, Piper's one or both): a stream that does not
+# say who spoke is taken to have been spoken by its engine if it produced audio.
+@runtime_checkable
+class SaysWhoSpoke(Protocol):
+    spoken_by: list[str]
+
+
+@runtime_checkable
+class ReportsSwitches(Protocol):
+    switches: list[VendorSwitch]
 
 
 class VoiceEngine(Protocol):

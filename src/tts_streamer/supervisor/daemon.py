@@ -235,8 +235,6 @@ async def run_daemon(
                             services,
                             pod_id=config.pod_id,
                             create_timeout=config.create_timeout,
-                            max_text_bytes=config.max_text_bytes,
-                            metrics=metrics,
                             flow_manager=FlowManager(bridge, config.flow_manager_timeout),
                         )
                         bus.add_listener(streamings.on_session_event)

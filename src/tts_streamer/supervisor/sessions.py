@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Protocol, overload
 
 import trio
 
-from tts_streamer.actors.commands import Command, CommandError
+from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.events import EventSink
 from tts_streamer.actors.session import Session, SessionConfig, SessionStartError
 from tts_streamer.adapters.chan_websocket.client import Dialer
@@ -32,6 +33,14 @@ class DuplicateSession(CommandError):
         super().__init__("duplicate_session", f"a session with id {call_id!r} already exists")
 
 
+class CommandObserver(Protocol):
+    """Who counts what commands do (``ops/metrics.Metrics``): refusals by kind, flush-to-silence."""
+
+    def command_error(self, kind: str) -> None: ...
+
+    def observe_flush(self, seconds: float) -> None: ...
+
+
 class Supervisor:
     def __init__(
         self,
@@ -42,6 +51,7 @@ class Supervisor:
         dialer: Dialer,
         events: EventSink,
         config: SessionConfig = SessionConfig(),
+        observer: CommandObserver | None = None,
     ) -> None:
         if default_engine not in engines:
             raise ValueError(f"default engine {default_engine!r} is not among {sorted(engines)}")
@@ -51,6 +61,7 @@ class Supervisor:
         self.sessions_started = 0
         self.sessions_failed_to_start = 0
         self.accepting = True
+        self.observer = observer
         self._nursery = nursery
         self._dialer = dialer
         self._events = events
@@ -114,8 +125,41 @@ class Supervisor:
             if self._sessions.get(session.call_id) is session:
                 del self._sessions[session.call_id]
 
-    async def call(self, call_id: str, command: Command) -> object:
-        return await self.get(call_id).call(command)
+    @overload
+    async def call(self, call_id: str, command: SayInit) -> str: ...
+    @overload
+    async def call(self, call_id: str, command: SayFlush) -> int: ...
+    @overload
+    async def call(self, call_id: str, command: SayAdd | SayFinish) -> None: ...
+    @overload
+    async def call(self, call_id: str, command: Command) -> str | int | None: ...
+
+    async def call(self, call_id: str, command: Command) -> str | int | None:
+        """Every service's and the console's one way into a session: the command, its result or its
+        CommandError, and the observer told about it.
+
+        A flush is timed from here (its arrival at the daemon) to FLUSH_MEDIA being written, which the
+        session records: that is the flush-to-silence latency (its reply may come later, once the vendor
+        stream is released too). Refusals are counted by kind.
+        """
+        started = trio.current_time()
+        try:
+            session = self.get(call_id)
+            result = await session.call(command)
+        except CommandError as exc:
+            self.refused(exc.kind)
+            raise
+        if self.observer is not None and isinstance(command, SayFlush):
+            silent_at = session.last_flush_silent_at
+            if silent_at is None or silent_at < started:
+                silent_at = trio.current_time()
+            self.observer.observe_flush(silent_at - started)
+        return result
+
+    def refused(self, kind: str) -> None:
+        """Count a refusal decided before any session saw the command (a stale message id)."""
+        if self.observer is not None:
+            self.observer.command_error(kind)
 
     async def stop(self, call_id: str, reason: str = "stopped") -> None:
         await self.get(call_id).stop(reason)
@@ -138,6 +182,7 @@ async def open_supervisor(
     events: EventSink,
     config: SessionConfig = SessionConfig(),
     stop_grace: float = 5.0,
+    observer: CommandObserver | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the body's duration; on exit every session is stopped cleanly."""
     async with trio.open_nursery() as nursery:
@@ -148,6 +193,7 @@ async def open_supervisor(
             dialer=dialer,
             events=events,
             config=config,
+            observer=observer,
         )
         try:
             yield supervisor

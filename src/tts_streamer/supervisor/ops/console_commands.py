@@ -31,7 +31,7 @@ from tts_streamer.supervisor.ops.console_views import (
     table,
     walk_tasks,
 )
-from tts_streamer.supervisor.ops.metrics import Metrics, run_session_command
+from tts_streamer.supervisor.ops.metrics import Metrics
 from tts_streamer.supervisor.sessions import Supervisor
 
 SESSION_COLUMNS = (
@@ -198,7 +198,7 @@ class ConsoleCommands:
             self._count_error(exc.kind)
             return Outcome([error_row(exc.kind, str(exc), as_json=as_json)])
         except CommandError as exc:
-            # Already counted in metrics where it was raised (run_session_command or _session).
+            # Already counted in metrics where it was raised (Supervisor.call or _session).
             self.counters.errors += 1
             return Outcome([error_row(exc.kind, str(exc), as_json=as_json)])
 
@@ -215,13 +215,14 @@ class ConsoleCommands:
                 self.metrics.command_error(exc.kind)
             raise
 
-    async def _call(self, call_id: str, command: Command, *, count_errors: bool = True) -> object:
-        """Into a session by the path the AMQP plane takes too; bounded, so a wedged session cannot wedge
-        the console."""
+    async def _call(self, call_id: str, command: Command, *, count_errors: bool = True) -> str | int | None:
+        """Into a session by the path the services take too (``Supervisor.call``, which counts refusals
+        and flush-to-silence); bounded, so a wedged session cannot wedge the console. Uncounted: straight
+        to the session, for an attempt whose refusal is not an error yet."""
         with trio.move_on_after(self.command_timeout):
-            return await run_session_command(
-                self.supervisor, call_id, command, self.metrics if count_errors else None
-            )
+            if count_errors:
+                return await self.supervisor.call(call_id, command)
+            return await self.supervisor.get(call_id).call(command)
         raise ConsoleError(
             "timeout", f"no reply within {self.command_timeout:g} s (the command stays queued in the session)"
         )

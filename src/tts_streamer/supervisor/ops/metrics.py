@@ -13,8 +13,9 @@ Where the numbers come from:
   samples per second per call); the histogram family is built from that array at scrape time. The
   observer is attached on the session's first ``Initiated`` event, which always comes before its first
   frame (no audio without a message).
-- Flush-to-silence latency and command errors come from the command planes, which call
-  ``run_session_command`` (or ``observe_flush`` / ``command_error`` themselves).
+- Flush-to-silence latency and command errors come from ``Supervisor.call``, the one way a service or
+  the console reaches a session (``Metrics`` is the supervisor's ``CommandObserver`` once attached),
+  and from the console's own refusals (``command_error``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
-import trio
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
@@ -39,7 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from tts_streamer.actors import events as ev
-from tts_streamer.actors.commands import Command, CommandError, SayFlush
+from tts_streamer.actors.commands import CommandError
 from tts_streamer.actors.session import Session
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.ops.console_views import task_tree
@@ -249,6 +249,7 @@ class Metrics:
 
     def attach(self, bus: EventBus, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
+        supervisor.observer = self
         bus.add_listener(self._on_event)
 
     def attach_broker(self, bridge: AmqpBridge | None, publisher: EventPublisher | None) -> None:
@@ -264,6 +265,9 @@ class Metrics:
 
     def observe_flush(self, seconds: float) -> None:
         self.flush_to_silence.observe(seconds)
+
+    def provider_fell_back(self, provider: str, fallback: str) -> None:
+        self.provider_unavailable.labels(provider, fallback).inc()
 
     # -- scraping ----------------------------------------------------------------------------------
 
@@ -320,31 +324,6 @@ class Metrics:
             return session.engine.name
         # Sessions word vendor errors as "<engine>: <error>".
         return event.reason.partition(":")[0] or "unknown"
-
-
-async def run_session_command(
-    supervisor: Supervisor, call_id: str, command: Command, metrics: Metrics | None = None
-) -> object:
-    """The command planes' one way into a session: ``supervisor.call``, plus the metrics around it.
-
-    A flush is timed from here (its arrival at the daemon) to FLUSH_MEDIA being written, which the
-    session records: that is the flush-to-silence latency (its reply may come later, once the vendor
-    stream is released too). Refusals are counted by kind.
-    """
-    started = trio.current_time()
-    try:
-        session = supervisor.get(call_id)
-        result = await session.call(command)
-    except CommandError as exc:
-        if metrics is not None:
-            metrics.command_error(exc.kind)
-        raise
-    if metrics is not None and isinstance(command, SayFlush):
-        silent_at = session.last_flush_silent_at
-        if silent_at is None or silent_at < started:
-            silent_at = trio.current_time()
-        metrics.observe_flush(silent_at - started)
-    return result
 
 
 def metric_names(metrics: Metrics) -> Sequence[str]:

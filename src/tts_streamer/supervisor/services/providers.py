@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping
+from typing import Protocol
 
 import attrs
 
-from tts_streamer.supervisor.ops.metrics import Metrics
-
 log = logging.getLogger(__name__)
+
+
+class FallbackCounter(Protocol):
+    """``ops/metrics.Metrics``: ``tts_streamer_provider_unavailable_total{provider,fallback}``."""
+
+    def provider_fell_back(self, provider: str, fallback: str) -> None: ...
 
 
 @attrs.define
@@ -25,7 +30,7 @@ class ProviderResolver:
     engines: frozenset[str]
     default_engine: str
     unavailable: Mapping[str, str] = attrs.field(factory=dict)  # vendor -> reason (build_engines)
-    metrics: Metrics | None = None
+    metrics: FallbackCounter | None = None
 
     @classmethod
     def of(cls, engines: Collection[str], default_engine: str = "espeak") -> ProviderResolver:
@@ -44,5 +49,5 @@ class ProviderResolver:
             self.default_engine,
         )
         if self.metrics is not None:
-            self.metrics.provider_unavailable.labels(provider, self.default_engine).inc()
+            self.metrics.provider_fell_back(provider, self.default_engine)
         return None

@@ -44,6 +44,7 @@ from tts_streamer.adapters.voipbin.wire import (
 )
 from tts_streamer.supervisor.services.command_plane import Handler, NotOwned
 from tts_streamer.supervisor.services.providers import ProviderResolver
+from tts_streamer.supervisor.services.route_table import with_body, with_id, with_id_and_body, with_match
 from tts_streamer.supervisor.services.speaking_ends import SpeakingEnds
 from tts_streamer.supervisor.services.speaking_parts import (
     ACTIVE,
@@ -106,13 +107,13 @@ class SpeakingService(SpeakingEnds):
 
     def routes(self) -> dict[RouteName, Handler]:
         return {
-            RouteName.SPEAKING_CREATE: lambda call: self.create(call.data),
-            RouteName.SPEAKING_LIST: lambda call: self.list_page(call.match),
-            RouteName.SPEAKING_GET: lambda call: self.get(call.id),
-            RouteName.SPEAKING_DELETE: lambda call: self.delete(call.id),
-            RouteName.SPEAKING_SAY: lambda call: self.say(call.id, call.data),
-            RouteName.SPEAKING_FLUSH: lambda call: self.flush(call.id),
-            RouteName.SPEAKING_STOP: lambda call: self.stop(call.id),
+            RouteName.SPEAKING_CREATE: with_body(self.create),
+            RouteName.SPEAKING_LIST: with_match(self.list_page),
+            RouteName.SPEAKING_GET: with_id(self.get),
+            RouteName.SPEAKING_DELETE: with_id(self.delete),
+            RouteName.SPEAKING_SAY: with_id_and_body(self.say),
+            RouteName.SPEAKING_FLUSH: with_id(self.flush),
+            RouteName.SPEAKING_STOP: with_id(self.stop),
         }
 
     # -- routes --------------------------------------------------------------------------------------

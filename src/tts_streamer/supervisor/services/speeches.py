@@ -43,6 +43,7 @@ from tts_streamer.adapters.voipbin.wire import WireError
 from tts_streamer.adapters.wav import pcm16_wav_bytes
 from tts_streamer.supervisor.config import ConfigError
 from tts_streamer.supervisor.services.command_plane import Handler
+from tts_streamer.supervisor.services.route_table import with_body
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ class SpeechService:
         self._flights: dict[str, _Flight] = {}
 
     def routes(self) -> dict[RouteName, Handler]:
-        return {RouteName.SPEECH_CREATE: lambda call: self.create(call.data)}
+        return {RouteName.SPEECH_CREATE: with_body(self.create)}
 
     async def create(self, data: Any) -> Response:
         self.stats.requests += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -38,8 +39,8 @@ from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.adapters.voipbin.flow_manager import FlowManager, look_up_flow_voice
 from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
-from tts_streamer.supervisor.ops.metrics import Metrics, run_session_command
 from tts_streamer.supervisor.services.command_plane import Handler, NotOwned, RouteCall
+from tts_streamer.supervisor.services.route_table import with_body, with_id
 from tts_streamer.supervisor.sessions import Supervisor
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,47 @@ def command_failed(error: CommandError) -> Response:
 def refused(kind: str, reason: str) -> Response:
     """Refused before the session (e.g. a stale message id): Go answers a plain 500."""
     log.info("request refused (%s): %s", kind, reason)
+    return envelope.plain_error(500)
+
+
+@attrs.frozen
+class Said:
+    """A say_* request as the session is to get it: the command, the message it must be for (say_add,
+    say_finish), the message it makes current (say_init, and say_stop: none), and whether the reply
+    carries the Streaming (Go's replies differ per route)."""
+
+    command: Command
+    for_message: uuid.UUID | None = None
+    sets_message: uuid.UUID | None = None
+    reply_streaming: bool = False
+
+
+def read_say_init(data: Any) -> Said:
+    request = models.SayInit.from_data(data)
+    return Said(SayInit(str(request.message_id)), sets_message=request.message_id, reply_streaming=True)
+
+
+def read_say_add(data: Any) -> Said:
+    # No size check here (Go has none on this route): the session's validate_text is the one check.
+    request = models.SayAdd.from_data(data)
+    return Said(SayAdd(request.text), for_message=request.message_id)
+
+
+def read_say_stop(data: Any) -> Said:
+    return Said(SayFlush(end_message=True), sets_message=NIL_UUID)
+
+
+def read_say_finish(data: Any) -> Said:
+    request = models.SayFinish.from_data(data)
+    return Said(SayFinish(), for_message=request.message_id, reply_streaming=True)
+
+
+def read_say_flush(data: Any) -> Said:
+    """Extension: barge-in that keeps the current message (say_add may continue it)."""
+    return Said(SayFlush(), reply_streaming=True)
+
+
+def plain_500() -> Response:
     return envelope.plain_error(500)
 
 
@@ -100,8 +142,6 @@ class StreamingService:
         *,
         pod_id: str,
         create_timeout: float = 2.5,
-        max_text_bytes: int = 5000,
-        metrics: Metrics | None = None,
         flow_manager: FlowManager | None = None,
     ) -> None:
         self.streamings: dict[uuid.UUID, StreamingState] = {}
@@ -112,8 +152,6 @@ class StreamingService:
         self._nursery = nursery
         self._pod_id = pod_id
         self._create_timeout = create_timeout
-        self._max_text_bytes = max_text_bytes
-        self._metrics = metrics
         self._end_listeners: list[EndListener] = []
 
     def add_end_listener(self, listener: EndListener) -> None:
@@ -121,35 +159,26 @@ class StreamingService:
         that ends: deleted, hung up, socket lost, shutdown, or rolled back during create."""
         self._end_listeners.append(listener)
 
-    async def _command(self, streaming_id: uuid.UUID, command: Command) -> object:
-        """Into the session through the one metered path every command plane uses."""
-        return await run_session_command(self._supervisor, str(streaming_id), command, self._metrics)
-
     def _refuse(self, kind: str) -> Response:
         """A stale or foreign message id (Go: 500 "message ID mismatch"), counted like any refusal."""
-        if self._metrics is not None:
-            self._metrics.command_error(kind)
+        self._supervisor.refused(kind)
         return refused(kind, "message ID mismatch")
 
     def owns(self, streaming_id: uuid.UUID) -> bool:
         return streaming_id in self.streamings
 
     def routes(self) -> dict[RouteName, Handler]:
-        async def delete(call: RouteCall) -> Response:
-            response = await self.delete(call.id)
-            if response is None:
-                raise NotOwned
-            return response
-
+        # The unknown-streaming answers are Go's: a plain 500 for say_init and say_stop, else the typed 404.
+        not_found = envelope.streaming_not_found
         return {
-            RouteName.STREAMING_CREATE: lambda call: self.create(call.data),
-            RouteName.STREAMING_DELETE: delete,
-            RouteName.STREAMING_SAY_INIT: lambda call: self.say_init(call.id, call.data),
-            RouteName.STREAMING_SAY_ADD: lambda call: self.say_add(call.id, call.data),
-            RouteName.STREAMING_SAY_STOP: lambda call: self.say_stop(call.id),
-            RouteName.STREAMING_SAY_FINISH: lambda call: self.say_finish(call.id, call.data),
-            RouteName.STREAMING_SAY_FLUSH: lambda call: self.say_flush(call.id),
-            RouteName.STREAMING_GET: lambda call: self.get(call.id),
+            RouteName.STREAMING_CREATE: with_body(self.create),
+            RouteName.STREAMING_GET: with_id(self.get),
+            RouteName.STREAMING_DELETE: self._delete_or_forward,
+            RouteName.STREAMING_SAY_INIT: partial(self.say, read_say_init, unknown=plain_500),
+            RouteName.STREAMING_SAY_ADD: partial(self.say, read_say_add, unknown=not_found),
+            RouteName.STREAMING_SAY_STOP: partial(self.say, read_say_stop, unknown=plain_500),
+            RouteName.STREAMING_SAY_FINISH: partial(self.say, read_say_finish, unknown=not_found),
+            RouteName.STREAMING_SAY_FLUSH: partial(self.say, read_say_flush, unknown=not_found),
         }
 
     # -- routes ------------------------------------------------------------------------------------
@@ -275,87 +304,47 @@ class StreamingService:
         await self._stop(state, "deleted")
         return envelope.ok(model.to_data())
 
-    async def say_init(self, streaming_id: uuid.UUID, data: Any) -> Response:
-        state = self.streamings.get(streaming_id)
-        if state is None or state.session is None:
-            return envelope.plain_error(500)
-        try:
-            request = models.SayInit.from_data(data)
-        except WireError as exc:
-            return bad_request(exc.reason)
-        try:
-            await self._command(streaming_id, SayInit(str(request.message_id)))
-        except CommandError as exc:
-            return command_failed(exc)
-        state.model = attrs.evolve(state.model, message_id=request.message_id)
-        return envelope.ok(state.model.to_data())
+    async def _delete_or_forward(self, call: RouteCall) -> Response:
+        response = await self.delete(call.id)
+        if response is None:
+            raise NotOwned
+        return response
 
-    async def say_add(self, streaming_id: uuid.UUID, data: Any) -> Response:
-        state = self.streamings.get(streaming_id)
+    async def say(
+        self, read: Callable[[Any], Said], call: RouteCall, *, unknown: Callable[[], Response]
+    ) -> Response:
+        """Every say_* route: look the streaming up, read the body, check the message, tell the session."""
+        state = self.streamings.get(call.id)
         if state is None or state.session is None:
-            return envelope.streaming_not_found()
+            return unknown()
         try:
-            request = models.SayAdd.from_data(data, max_text_bytes=self._max_text_bytes)
+            said = read(call.data)
         except WireError as exc:
             return bad_request(exc.reason)
-        if request.message_id != state.model.message_id:
+        if said.for_message is not None and said.for_message != state.model.message_id:
             return self._refuse("message_id_mismatch")
         try:
-            await self._command(streaming_id, SayAdd(request.text))
+            await self._supervisor.call(str(call.id), said.command)
         except CommandError as exc:
             return command_failed(exc)
-        return envelope.ok()
-
-    async def say_stop(self, streaming_id: uuid.UUID) -> Response:
-        state = self.streamings.get(streaming_id)
-        if state is None or state.session is None:
-            return envelope.plain_error(500)
-        try:
-            await self._command(streaming_id, SayFlush(end_message=True))
-        except CommandError as exc:
-            return command_failed(exc)
-        state.model = attrs.evolve(state.model, message_id=NIL_UUID)
-        return envelope.ok()
-
-    async def say_finish(self, streaming_id: uuid.UUID, data: Any) -> Response:
-        state = self.streamings.get(streaming_id)
-        if state is None or state.session is None:
-            return envelope.streaming_not_found()
-        try:
-            request = models.SayFinish.from_data(data)
-        except WireError as exc:
-            return bad_request(exc.reason)
-        if request.message_id != state.model.message_id:
-            return self._refuse("message_id_mismatch")
-        try:
-            await self._command(streaming_id, SayFinish())
-        except CommandError as exc:
-            return command_failed(exc)
-        return envelope.ok(state.model.to_data())
-
-    async def say_flush(self, streaming_id: uuid.UUID) -> Response:
-        """Extension: barge-in that keeps the current message (say_add may continue it)."""
-        state = self.streamings.get(streaming_id)
-        if state is None or state.session is None:
-            return envelope.streaming_not_found()
-        try:
-            await self._command(streaming_id, SayFlush())
-        except CommandError as exc:
-            return command_failed(exc)
-        return envelope.ok(state.model.to_data())
+        if said.sets_message is not None:
+            state.model = attrs.evolve(state.model, message_id=said.sets_message)
+        return envelope.ok(state.model.to_data()) if said.reply_streaming else envelope.ok()
 
     async def speak(self, streaming_id: uuid.UUID, text: str) -> None:
         """One whole utterance as its own message (a speaking's say): init, add, finish. Its audio
         queues behind earlier utterances. Raises CommandError."""
-        validate_text(text, self._max_text_bytes)  # refuse before a message is opened, not half-way
-        await self._command(streaming_id, SayInit(str(uuid.uuid4())))
-        await self._command(streaming_id, SayAdd(text))
-        await self._command(streaming_id, SayFinish())
+        # The session's own check, made before a message is opened rather than half-way through.
+        validate_text(text, self._supervisor.config.max_text_bytes)
+        call_id = str(streaming_id)
+        await self._supervisor.call(call_id, SayInit(str(uuid.uuid4())))
+        await self._supervisor.call(call_id, SayAdd(text))
+        await self._supervisor.call(call_id, SayFinish())
 
     async def barge_in(self, streaming_id: uuid.UUID) -> None:
         """Silence now (a speaking's flush): the vendor is cancelled, queued audio dropped and
         FLUSH_MEDIA sent; the call stays up. Raises CommandError."""
-        await self._command(streaming_id, SayFlush(end_message=True))
+        await self._supervisor.call(str(streaming_id), SayFlush(end_message=True))
 
     async def stop_all(self, reason: str) -> None:
         """Shutdown: stop every streaming through the normal path (external media, socket, events)."""
