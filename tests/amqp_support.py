@@ -25,7 +25,7 @@ from tts_streamer.adapters.voipbin.call_manager import CALL_MANAGER_QUEUE
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.simulator.asterisk import AsteriskSimulator, serve_asterisk_simulator
 from tts_streamer.supervisor.config import DaemonConfig
-from tts_streamer.supervisor.daemon import DaemonHandle, run_daemon
+from tts_streamer.supervisor.daemon import DaemonHandle, serve_daemon
 
 
 async def purge_queues(*names: str) -> None:
@@ -133,7 +133,7 @@ async def open_rig(
 
         async def run_one(config: DaemonConfig, done: trio.Event, *, task_status: Any) -> None:
             try:
-                await run_daemon(
+                await serve_daemon(
                     config, engines={engine.name: engine}, handle_signals=False, task_status=task_status
                 )
             finally:
@@ -212,7 +212,7 @@ async def run_pod(
     async def run(*, task_status: Any) -> None:
         with scope:
             try:
-                await run_daemon(
+                await serve_daemon(
                     daemon_config, engines=engines, handle_signals=False, task_status=task_status
                 )
             finally:

@@ -197,11 +197,11 @@ def test_liveness_settings_come_from_the_environment() -> None:
 async def test_an_owner_timeout_shorter_than_two_heartbeats_is_refused_at_start() -> None:
     from tts_streamer.adapters.synthetic import SyntheticEngine
     from tts_streamer.supervisor.config import ConfigError, DaemonConfig
-    from tts_streamer.supervisor.daemon import run_daemon
+    from tts_streamer.supervisor.daemon import serve_daemon
 
     engine = SyntheticEngine()
     config = DaemonConfig(
         default_engine=engine.name, speaking_heartbeat_interval=5.0, speaking_owner_timeout=8.0
     )
     with pytest.raises(ConfigError, match="at least twice SPEAKING_HEARTBEAT_INTERVAL"):
-        await run_daemon(config, engines={engine.name: engine}, handle_signals=False)
+        await serve_daemon(config, engines={engine.name: engine}, handle_signals=False)

@@ -63,7 +63,7 @@ def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
     import os
 
     from tts_streamer.supervisor.config import ConfigError, DaemonConfig
-    from tts_streamer.supervisor.daemon import run_daemon
+    from tts_streamer.supervisor.daemon import serve_daemon
     from tts_streamer.supervisor.gc_tuning import tune_gc
     from tts_streamer.supervisor.ops.logging_setup import configure_logging
 
@@ -75,7 +75,7 @@ def serve(engines: Mapping[str, VoiceEngine] | None = None) -> int:
     configure_logging(config.log_level, pod_id=config.pod_id, json=config.log_format == "json")
     tune_gc()
     try:
-        trio.run(partial(run_daemon, config, engines=engines))
+        trio.run(partial(serve_daemon, config, engines=engines))
     except BaseException as exc:
         # Settings only checkable as the daemon starts (DEFAULT_ENGINE against its voices, the console's
         # address and socket directory) arrive here, often inside the nurseries' exception groups.

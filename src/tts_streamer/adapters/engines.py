@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -95,6 +95,32 @@ async def warm_engines(engines: Mapping[str, VoiceEngine], *, within: float) -> 
         for name, engine in engines.items():
             nursery.start_soon(one, name, engine)
     return failed
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """An engine holding something past its streams (espeak: its thread; Google: its channel)."""
+
+    async def aclose(self) -> None: ...
+
+
+async def close_engines(engines: Mapping[str, VoiceEngine], *, within: float) -> None:
+    """Close each engine once (a fallback chain names engines that are also listed on their own),
+    shielded: this runs on the way out, often inside a cancelled scope. Bounded by ``within`` in all."""
+    distinct = {id(engine): engine for engine in engines.values() if isinstance(engine, Closable)}
+    with trio.CancelScope(shield=True), trio.move_on_after(within) as scope:
+        async with trio.open_nursery() as nursery:
+            for engine in distinct.values():
+                nursery.start_soon(_close_quietly, engine)
+    if scope.cancelled_caught:
+        log.warning("voices not closed within %s s", within)
+
+
+async def _close_quietly(engine: Closable) -> None:
+    try:
+        await engine.aclose()
+    except Exception:
+        log.exception("voice %s: close failed", getattr(engine, "name", engine))
 
 
 def _float(env: Mapping[str, str], key: str, default: float) -> float:

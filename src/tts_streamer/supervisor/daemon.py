@@ -1,16 +1,25 @@
-"""``tts-streamer serve``: the daemon. Wires the supervisor, the AMQP bridge and the command plane.
+"""``tts-streamer serve``: the daemon, as ``open_*`` pieces whose lifetimes nest (docs/architecture.md):
 
-Shutdown (SIGTERM, SIGINT, or ``DaemonHandle.shutdown``) drains by a deadline, hypercorn-style:
-stop consuming (callers fail fast instead of timing out on a dying pod), refuse new sessions, stop every
+    voices                                       closed by the daemon when it built them
+    └── root: signals, warm-up, health, console  up before the broker: liveness answers
+        └── broker bridge
+            └── event publisher, readiness       they use the bridge, so they live inside it
+                └── services (open_services)     store, command plane, sweeper, media HTTP
+                    └── sessions                 their ends still reach call-manager and the publisher
+
+Shutdown (SIGTERM, SIGINT, or ``DaemonHandle.shutdown``) drains by one deadline, hypercorn-style: stop
+consuming (callers fail fast instead of timing out on a dying pod), refuse new sessions, stop every
 streaming through its normal path (external media stopped, socket closed, events published), wait for
-the event buffer to reach the broker, then return, all within ``drain_timeout``.
+the event buffer to reach the broker, all by ``drain_by = now + DRAIN_TIMEOUT``; the outer scope's
+deadline is ``drain_by`` plus one socket close, after which whatever is left is cancelled.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from functools import partial
 
 import attrs
@@ -18,44 +27,30 @@ import trio
 
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
-from tts_streamer.adapters.amqp.bridge import (
-    AmqpBridge,
-    ExchangeSpec,
-    QueueSpec,
-    Topology,
-    open_amqp_bridge,
-)
+from tts_streamer.adapters.amqp.bridge import AmqpBridge, ExchangeSpec, QueueSpec, Topology, open_amqp_bridge
 from tts_streamer.adapters.amqp.event_publisher import EVENT_EXCHANGE, EventPublisher
 from tts_streamer.adapters.chan_websocket.client import Dialer, MediaTimeouts, websocket_dialer
-from tts_streamer.adapters.engines import warm_engines
-from tts_streamer.adapters.speaking_store import open_speaking_store
+from tts_streamer.adapters.engines import close_engines, warm_engines
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.adapters.voipbin.call_manager import CallManager
-from tts_streamer.adapters.voipbin.flow_manager import FlowManager
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.health import Readiness, serve_http
-from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.ops.console import default_console_path, serve_console
 from tts_streamer.supervisor.ops.metrics import Metrics
 from tts_streamer.supervisor.services.command_plane import CONTROL_EXCHANGE, CommandPlane
-from tts_streamer.supervisor.services.delivery_source import RequestDeadlines
-from tts_streamer.supervisor.services.providers import ProviderResolver
-from tts_streamer.supervisor.services.speaking_parts import local_store_warning
-from tts_streamer.supervisor.services.speaking_recovery import LivenessConfig, OrphanSweeper
-from tts_streamer.supervisor.services.speakings import SpeakingService, StopRetry
-from tts_streamer.supervisor.services.speeches import (
-    MediaCache,
-    SpeechService,
-    media_base_url,
-    media_url_port,
-    offline_engine_name,
-)
+from tts_streamer.supervisor.services.speaking_recovery import OrphanSweeper
+from tts_streamer.supervisor.services.speakings import SpeakingService
+from tts_streamer.supervisor.services.speeches import SpeechService
 from tts_streamer.supervisor.services.streamings import StreamingService
-from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
+from tts_streamer.supervisor.services.wiring import Services, open_services
+from tts_streamer.supervisor.services.wiring import request_deadlines as request_deadlines  # its old home
+from tts_streamer.supervisor.sessions import Supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
 
 log = logging.getLogger(__name__)
+
+ENGINE_CLOSE_TIMEOUT = 2.0  # espeak's thread finishing its sentence; Google's channel closing
+READINESS_POLL = 0.5
 
 DELAY_EXCHANGE = "bin-manager.delay"
 
@@ -100,14 +95,6 @@ def topology(config: DaemonConfig) -> Topology:
     )
 
 
-def request_deadlines(config: DaemonConfig) -> RequestDeadlines:
-    """Callers give up after REQUEST_TIMEOUT; the per-pod queue's TTL bounds the broker's share."""
-    return RequestDeadlines(
-        caller_timeout=config.request_timeout,
-        broker_wait={config.pod_queue: config.per_pod_message_ttl_ms / 1000},
-    )
-
-
 @attrs.define
 class DaemonHandle:
     """What a running daemon exposes to tests and the admin console."""
@@ -140,32 +127,24 @@ def engines_from_environment() -> tuple[dict[str, VoiceEngine], dict[str, str]]:
     return build_engines(os.environ)
 
 
-async def run_daemon(
-    config: DaemonConfig,
-    *,
-    engines: Mapping[str, VoiceEngine] | None = None,
-    dialer: Dialer | None = None,
-    handle_signals: bool = True,
-    task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    unavailable: dict[str, str] = {}
-    if engines is None:
-        engines, unavailable = engines_from_environment()
-    engines = dict(engines)
-    for vendor, reason in sorted(unavailable.items()):
-        log.warning("voice %s unavailable: %s", vendor, reason)
-    if config.default_engine not in engines:
-        # A startup error naming the variable (exit 2 from `serve`), not a traceback from the supervisor.
-        raise ConfigError(f"DEFAULT_ENGINE={config.default_engine!r}: not one of {sorted(engines)}")
-    if config.speaking_owner_timeout < 2 * config.speaking_heartbeat_interval:
-        raise ConfigError(
-            f"SPEAKING_OWNER_TIMEOUT={config.speaking_owner_timeout:g}: must be at least twice "
-            f"SPEAKING_HEARTBEAT_INTERVAL ({config.speaking_heartbeat_interval:g}), or live pods look dead"
-        )
-    bus = EventBus()
-    publisher = EventPublisher(capacity=config.event_buffer, max_bytes=config.event_max_bytes)
-    shutdown = trio.Event()
-    session_config = SessionConfig(
+@asynccontextmanager
+async def open_voices(
+    engines: Mapping[str, VoiceEngine] | None,
+) -> AsyncIterator[tuple[dict[str, VoiceEngine], dict[str, str]]]:
+    """The voices, and why others are unavailable. Those built here (from the environment) are closed on
+    exit (espeak's thread, Google's channel); engines passed in belong to the caller."""
+    if engines is not None:
+        yield dict(engines), {}
+        return
+    built, unavailable = engines_from_environment()
+    try:
+        yield built, unavailable
+    finally:
+        await close_engines(built, within=ENGINE_CLOSE_TIMEOUT)
+
+
+def session_config(config: DaemonConfig) -> SessionConfig:
+    return SessionConfig(
         timeouts=MediaTimeouts(media_start=config.media_start_timeout),
         pacing=PacingConfig(
             lead_frames=config.lead_frames,
@@ -176,24 +155,53 @@ async def run_daemon(
         max_message_text_bytes=config.max_message_text_bytes,
         command_timeout=config.command_timeout,
     )
-    metrics = Metrics()
-    readiness = Readiness(vendors_unavailable=unavailable)
-    async with trio.open_nursery() as root:
-        if handle_signals:
-            await root.start(serve_shutdown_signals, shutdown)
-        async with open_supervisor(
-            engines=engines,
+
+
+def check_config(config: DaemonConfig, engines: Mapping[str, VoiceEngine]) -> None:
+    """Settings checkable only against the voices or each other: a ConfigError naming the variable
+    (exit 2 from ``serve``), not a traceback from the supervisor."""
+    if config.default_engine not in engines:
+        raise ConfigError(f"DEFAULT_ENGINE={config.default_engine!r}: not one of {sorted(engines)}")
+    if config.speaking_owner_timeout < 2 * config.speaking_heartbeat_interval:
+        raise ConfigError(
+            f"SPEAKING_OWNER_TIMEOUT={config.speaking_owner_timeout:g}: must be at least twice "
+            f"SPEAKING_HEARTBEAT_INTERVAL ({config.speaking_heartbeat_interval:g}), or live pods look dead"
+        )
+
+
+async def serve_daemon(
+    config: DaemonConfig,
+    *,
+    engines: Mapping[str, VoiceEngine] | None = None,
+    dialer: Dialer | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with open_voices(engines) as (voices, unavailable):
+        for vendor, reason in sorted(unavailable.items()):
+            log.warning("voice %s unavailable: %s", vendor, reason)
+        check_config(config, voices)
+        bus = EventBus()
+        metrics = Metrics()
+        # Made before it serves, so health and the console can read it while the broker is away; its
+        # sessions run inside the services' scope (open_services).
+        supervisor = Supervisor(
+            engines=voices,
             default_engine=config.default_engine,
             dialer=dialer or websocket_dialer(),
             events=bus,
-            config=session_config,
-            # The drain already had DRAIN_TIMEOUT; what is left after it gets one close timeout.
-            stop_grace=session_config.timeouts.close,
-        ) as supervisor:
-            metrics.attach(bus, supervisor)
+            config=session_config(config),
+        )
+        metrics.attach(bus, supervisor)
+        readiness = Readiness(vendors_unavailable=unavailable)
+        publisher = EventPublisher(capacity=config.event_buffer, max_bytes=config.event_max_bytes)
+        shutdown = trio.Event()
+        async with trio.open_nursery() as root:
+            if handle_signals:
+                await root.start(serve_shutdown_signals, shutdown)
             # Connections, TLS and credentials up before the first call (bounded; a failure is a
             # readiness detail, never fatal: that vendor's first call pays for its set-up).
-            root.start_soon(_warm_voices, engines, readiness, config.voice_warmup_timeout, name="warm-up")
+            root.start_soon(_warm_voices, voices, readiness, config.voice_warmup_timeout, name="warm-up")
             # Health and the console come up first: liveness answers (and readiness says why not)
             # while the broker is still unreachable.
             http_port = await root.start(
@@ -202,13 +210,13 @@ async def run_daemon(
                 )
             )
             console_address = await root.start(_console(config, supervisor, bus, metrics))
-            with trio.CancelScope() as lifetime:
+            with trio.CancelScope() as connecting:
                 connected = False
 
                 async def abort_connecting() -> None:
                     await shutdown.wait()
                     if not connected:
-                        lifetime.cancel(reason="shutdown before the broker was reached")
+                        connecting.cancel(reason="shutdown before the broker was reached")
 
                 root.start_soon(abort_connecting, name="abort-connecting")
                 log.info("pod %s connecting to the broker", config.pod_id)
@@ -216,117 +224,61 @@ async def run_daemon(
                     config.rabbitmq_address, topology(config), broker_timeout=config.amqp_timeout
                 ) as bridge:
                     connected = True
-                    metrics.attach_broker(bridge, publisher)
-                    root.start_soon(publisher.serve, bridge, name="event-publisher")
-                    root.start_soon(_track_readiness, readiness, bridge, name="readiness")
                     async with (
-                        open_speaking_store(config.database_dsn, config.sqlite_path) as store,
-                        trio.open_nursery() as services,
+                        open_broker_tasks(bridge, publisher, readiness, metrics),
+                        open_services(
+                            config, supervisor, bridge, publisher, bus, metrics, unavailable
+                        ) as services,
                     ):
-                        log.info("speakings store: %s", store.describe())
-                        readiness.speakings_store_warning = local_store_warning(store.is_sqlite, os.environ)
-                        if readiness.speakings_store_warning:
-                            log.warning("%s", readiness.speakings_store_warning)
-                        call_manager = CallManager(bridge, config.call_manager_timeout)
-                        streamings = StreamingService(
-                            supervisor,
-                            call_manager,
-                            publisher,
-                            services,
-                            pod_id=config.pod_id,
-                            create_timeout=config.create_timeout,
-                            flow_manager=FlowManager(bridge, config.flow_manager_timeout),
-                        )
-                        bus.add_listener(streamings.on_session_event)
-                        speakings = SpeakingService(
-                            store,
-                            streamings,
-                            publisher,
-                            services,
-                            pod_id=config.pod_id,
-                            engines=engines.keys(),
-                            max_text_bytes=config.max_text_bytes,
-                            stop_retry=StopRetry(give_up_after=config.speaking_stop_retry_timeout),
-                            providers=ProviderResolver(
-                                frozenset(engines), config.default_engine, unavailable, metrics
-                            ),
-                        )
-                        streamings.add_end_listener(speakings.on_streaming_ended)
-                        bus.add_listener(speakings.on_session_event)
-                        sweeper = OrphanSweeper(
-                            store,
-                            publisher,
-                            call_manager,
-                            pod_id=config.pod_id,
-                            config=LivenessConfig(
-                                heartbeat_every=config.speaking_heartbeat_interval,
-                                owner_timeout=config.speaking_owner_timeout,
-                            ),
-                            is_held=speakings.live.__contains__,
-                        )
-                        # Rows a crashed run of this pod left live, before serving (and before the
-                        # first heartbeat overwrites that run's last one); retried there if it fails.
-                        await sweeper.beat()
-                        await services.start(sweeper.serve)
-                        cache = MediaCache(config.media_dir, config.media_cache_max_bytes)
-                        await cache.setup()
-                        media_port = 0  # not served here: another web server serves MEDIA_DIR
-                        if config.media_http_enabled:
-                            media_port = await services.start(
-                                partial(
-                                    MediaHttpServer(config.media_dir, on_access=cache.touch).serve,
-                                    config.media_http_host,
-                                    config.media_http_port,
-                                )
-                            )
-                        url_port = media_url_port(
-                            config.media_url_port, media_port if config.media_http_enabled else None
-                        )
-                        speeches = SpeechService(
-                            engines,
-                            cache,
-                            base_url=media_base_url(config.pod_ip, url_port),
-                            offline_engine=offline_engine_name(engines, config.default_engine),
-                            timeout=config.speech_timeout,
-                        )
-                        plane = CommandPlane(
-                            bridge,
-                            {**streamings.routes(), **speakings.routes(), **speeches.routes()},
-                            pod_id=config.pod_id,
-                            forward_timeout=config.delete_forward_timeout,
-                            deadlines=request_deadlines(config),
-                        )
-                        metrics.attach_plane(plane.stats)
-                        await services.start(plane.serve)
-                        log.info(
-                            "pod %s serving %s and %s", config.pod_id, config.shared_queue, config.pod_queue
-                        )
+                        readiness.speakings_store_warning = services.store_warning
+                        metrics.attach_plane(services.plane.stats)
                         task_status.started(
                             DaemonHandle(
                                 config,
                                 supervisor,
                                 bus,
                                 bridge,
-                                streamings,
-                                plane,
+                                services.streamings,
+                                services.plane,
                                 publisher,
                                 shutdown,
                                 metrics=metrics,
                                 readiness=readiness,
                                 http_port=http_port,
                                 console_address=console_address,
-                                speakings=speakings,
-                                sweeper=sweeper,
-                                speeches=speeches,
-                                media_http_port=media_port,
+                                speakings=services.speakings,
+                                sweeper=services.sweeper,
+                                speeches=services.speeches,
+                                media_http_port=services.media_http_port,
                             )
                         )
                         await shutdown.wait()
+                        drain_by = trio.current_time() + config.drain_timeout
+                        # The one deadline: what the drain leaves gets one socket close, then is cancelled.
+                        root.cancel_scope.deadline = drain_by + supervisor.config.timeouts.close
                         readiness.draining = True
-                        await _drain(config, bridge, supervisor, streamings, publisher, speakings)
-                        services.cancel_scope.cancel(reason="shutdown")
-        root.cancel_scope.cancel(reason="shutdown")
+                        await _drain(config, bridge, supervisor, services, publisher, drain_by)
+            root.cancel_scope.cancel(reason="shutdown")
     log.info("pod %s stopped", config.pod_id)
+
+
+run_daemon = serve_daemon  # the former name, for callers not renamed yet
+
+
+@asynccontextmanager
+async def open_broker_tasks(
+    bridge: AmqpBridge, publisher: EventPublisher, readiness: Readiness, metrics: Metrics
+) -> AsyncIterator[None]:
+    """The publisher's sender and the readiness tracking, for the bridge's lifetime and no longer."""
+    metrics.attach_broker(bridge, publisher)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher.serve, bridge, name="event-publisher")
+            nursery.start_soon(_track_readiness, readiness, bridge, name="readiness")
+            yield
+            nursery.cancel_scope.cancel(reason="broker bridge closing")
+    finally:
+        readiness.command_plane_connected = False
 
 
 def _console(
@@ -369,20 +321,18 @@ async def _drain(
     config: DaemonConfig,
     bridge: AmqpBridge,
     supervisor: Supervisor,
-    streamings: StreamingService,
+    services: Services,
     publisher: EventPublisher,
-    speakings: SpeakingService | None = None,
+    drain_by: float,
 ) -> None:
-    with trio.move_on_after(config.drain_timeout) as deadline:
+    with trio.move_on_at(drain_by) as deadline:
         supervisor.accepting = False
         await bridge.stop_consuming()
-        log.info("draining %d streaming(s)", len(streamings.streamings))
-        await streamings.stop_all("shutdown")
-        if speakings is not None:
-            await speakings.drain()  # their rows stopped and speaking_stopped handed to the publisher
+        log.info("draining %d streaming(s)", len(services.streamings.streamings))
+        await services.streamings.stop_all("shutdown")
+        await services.speakings.drain()  # their rows stopped and speaking_stopped handed to the publisher
         await publisher.wait_drained()
-    if speakings is not None:
-        speakings.report_unwritten()  # stops whose rows the database never took: named in the log
+    services.speakings.report_unwritten()  # stops whose rows the database never took: named in the log
     if deadline.cancelled_caught:
         log.warning(
             "drain overran %s s: %d session(s) and %d event(s) left",

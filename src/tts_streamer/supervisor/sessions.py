@@ -42,9 +42,12 @@ class CommandObserver(Protocol):
 
 
 class Supervisor:
+    """The live sessions by call id. Sessions run while ``serving()`` is entered (in its nursery); before
+    that the supervisor can be read (health, the console) but starts none."""
+
     def __init__(
         self,
-        nursery: trio.Nursery,
+        nursery: trio.Nursery | None = None,
         *,
         engines: dict[str, VoiceEngine],
         default_engine: str,
@@ -86,6 +89,8 @@ class Supervisor:
         """Connect a new session; returns once MEDIA_START has arrived. Raises SessionStartError."""
         if not self.accepting:
             raise CommandError("draining", "not accepting new sessions")
+        if self._nursery is None:
+            raise CommandError("not_serving", "not serving yet (the broker is not reached)")
         if call_id in self._sessions or call_id in self._starting:
             raise DuplicateSession(call_id)
         engine_name = engine or self.default_engine
@@ -172,6 +177,20 @@ class Supervisor:
                 for session in self:
                     nursery.start_soon(session.stop, reason, name=f"stop[{session.call_id}]")
 
+    @asynccontextmanager
+    async def serving(self, stop_grace: float = 5.0) -> AsyncIterator[None]:
+        """Run sessions for the body's duration; on exit every session is stopped cleanly, those not
+        done within ``stop_grace`` seconds cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.stop_all("shutdown", stop_grace)
+                self._nursery = None
+                nursery.cancel_scope.cancel(reason="supervisor closing")
+
 
 @asynccontextmanager
 async def open_supervisor(
@@ -184,20 +203,14 @@ async def open_supervisor(
     stop_grace: float = 5.0,
     observer: CommandObserver | None = None,
 ) -> AsyncIterator[Supervisor]:
-    """Run a supervisor for the body's duration; on exit every session is stopped cleanly."""
-    async with trio.open_nursery() as nursery:
-        supervisor = Supervisor(
-            nursery,
-            engines=engines,
-            default_engine=default_engine,
-            dialer=dialer,
-            events=events,
-            config=config,
-            observer=observer,
-        )
-        try:
-            yield supervisor
-        finally:
-            with trio.CancelScope(shield=True):
-                await supervisor.stop_all("shutdown", stop_grace)
-            nursery.cancel_scope.cancel(reason="supervisor closing")
+    """A supervisor serving for the body's duration; on exit every session is stopped cleanly."""
+    supervisor = Supervisor(
+        engines=engines,
+        default_engine=default_engine,
+        dialer=dialer,
+        events=events,
+        config=config,
+        observer=observer,
+    )
+    async with supervisor.serving(stop_grace):
+        yield supervisor

@@ -396,13 +396,9 @@ class StreamingService:
                 self._event(EventType.MESSAGE_PLAY_FINISHED, message)
             state.open_messages.clear()
             if not state.deleting:
-                # Hang-up or media failure: the leg is gone; tell call-manager so it forgets it too.
-                try:
-                    self._nursery.start_soon(stop_external_media_quietly, self._call_manager, streaming_id)
-                except RuntimeError:
-                    # The command plane is already torn down (the daemon is failing): sessions end
-                    # after it, and a listener must not raise into them. Nobody is left to ask.
-                    log.warning("streaming=%s ended after the command plane: media kept", streaming_id)
+                # Hang-up or media failure: the leg is gone; tell call-manager so it forgets it too. The
+                # sessions run inside the services' scope (services/wiring.py), so this nursery is open.
+                self._nursery.start_soon(stop_external_media_quietly, self._call_manager, streaming_id)
             self._end(streaming_id, event.reason)
 
     def _end(self, streaming_id: uuid.UUID, reason: str) -> None:
