@@ -22,7 +22,6 @@ from tts_streamer.adapters.chan_websocket import protocol
 from tts_streamer.adapters.chan_websocket.protocol import (
     MAX_MESSAGE_PAYLOAD,
     Command,
-    ControlEvent,
     MediaStart,
 )
 from tts_streamer.exceptions import first_of, leaves
@@ -76,7 +75,6 @@ class ConnectionStats:
     commands_sent: int = 0
     caller_frames_received: int = 0
     control_events_received: int = 0
-    control_events_dropped: int = 0
     protocol_errors: int = 0
 
 
@@ -92,7 +90,6 @@ class MediaConnection:
         self.stats = ConnectionStats()
         self._ws = ws
         self._timeouts = timeouts
-        self._events_send, self.events = trio.open_memory_channel[ControlEvent](64)
         # Set by the first caller frame: Asterisk sends none while unbridged. Its absence proves
         # nothing (voipbin's snoop bridge never sends any), so waiting on it must be bounded.
         self.bridged = trio.Event()
@@ -171,11 +168,6 @@ class MediaConnection:
                 handler()
         elif event.name == "ERROR":
             log.warning("conn=%s Asterisk reported an error: %s", self.connection_id, event.argument)
-        try:
-            self._events_send.send_nowait(event)
-        except trio.WouldBlock:
-            # Never block the reader on a slow consumer: Asterisk's writes to us time out at 100 ms.
-            self.stats.control_events_dropped += 1
 
     @property
     def connection_id(self) -> str:
