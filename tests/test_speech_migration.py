@@ -23,11 +23,12 @@ from tests.amqp_support import open_rig, run_pod
 from tests.amqp_vhost import private_amqp_url
 from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
+from tts_streamer.adapters import media_files as speeches_module
+from tts_streamer.adapters.media_files import check_media_dir
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
-from tts_streamer.supervisor.services import speeches as speeches_module
-from tts_streamer.supervisor.services.speeches import check_media_dir, media_url_port
+from tts_streamer.supervisor.services.speeches import media_url_port
 
 __all__ = ["private_amqp_url"]
 

@@ -20,12 +20,12 @@ from tests.amqp_vhost import private_amqp_url
 from tests.fakes.voipbin_client import SHARED_QUEUE
 from tests.services import require_rabbitmq
 from tts_streamer.adapters.espeak import EspeakEngine
+from tts_streamer.adapters.media_files import MediaCache
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec, VoiceStream
 from tts_streamer.adapters.wav import read_wav
 from tts_streamer.supervisor.media_http import MediaHttpServer, Unsatisfiable, parse_range
 from tts_streamer.supervisor.services.speeches import (
-    MediaCache,
     audio_level,
     media_base_url,
     media_host,

@@ -19,6 +19,7 @@ import trio
 
 from tts_streamer.adapters.amqp.bridge import AmqpBridge
 from tts_streamer.adapters.amqp.event_publisher import EventPublisher
+from tts_streamer.adapters.media_files import MediaCache
 from tts_streamer.adapters.speaking_store import open_speaking_store
 from tts_streamer.adapters.voipbin.call_manager import CallManager
 from tts_streamer.adapters.voipbin.flow_manager import FlowManager
@@ -32,7 +33,6 @@ from tts_streamer.supervisor.services.speaking_parts import local_store_warning
 from tts_streamer.supervisor.services.speaking_recovery import LivenessConfig, OrphanSweeper
 from tts_streamer.supervisor.services.speakings import SpeakingService, StopRetry
 from tts_streamer.supervisor.services.speeches import (
-    MediaCache,
     SpeechService,
     media_base_url,
     media_url_port,
