@@ -18,6 +18,7 @@ import trio
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.session import Session
 from tts_streamer.supervisor.event_bus import EventBus
+from tts_streamer.supervisor.ops.console_parse import HELP, ConsoleError, Request, parse
 from tts_streamer.supervisor.ops.console_views import (
     EventHistory,
     error_row,
@@ -32,7 +33,21 @@ from tts_streamer.supervisor.ops.console_views import (
     walk_tasks,
 )
 from tts_streamer.supervisor.ops.metrics import Metrics
+
+__all__ = [
+    "HELP",
+    "ClientGone",
+    "ConsoleCommands",
+    "ConsoleError",
+    "ConsoleIO",
+    "Outcome",
+    "Request",
+    "parse",
+]
 from tts_streamer.supervisor.sessions import Supervisor
+
+# ConsoleError and parse were defined here: their importers keep working.
+__all__ = ["ClientGone", "ConsoleCommands", "ConsoleError", "ConsoleIO", "Outcome", "parse"]
 
 SESSION_COLUMNS = (
     "id",
@@ -44,29 +59,8 @@ SESSION_COLUMNS = (
     "lateness_p99_ms",
     "last_event",
 )
-HELP = (
-    ("sessions", "list live sessions"),
-    ("show <id>", "one session in detail, with its recent events"),
-    ("say <id> <text>", "speak text (opens a message first if none is open)"),
-    ("flush <id>", "cut what is being said; the call stays up"),
-    ("finish <id>", "end the open message's input; what was said plays out"),
-    ("stop <id>", "end the session and hang up its media leg"),
-    ("tasks", "the live Trio task tree, with where each task waits"),
-    ("events [id]", "follow events live (all sessions or one); send any line to stop"),
-    ("stats", "process-wide counters"),
-    ("help", "this list"),
-    ("quit", "close this console"),
-)
 # A few milliseconds of work between checkpoints at most, so pacing deadlines are not missed.
 _ROWS_PER_CHECKPOINT = 50
-
-
-class ConsoleError(Exception):
-    """A console-level refusal (bad syntax, timeout); ``kind`` as for CommandError."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class ClientGone(Exception):
@@ -89,57 +83,6 @@ class ConsoleIO(Protocol):
 class Outcome:
     rows: list[str]
     close: bool = False
-
-
-@attrs.frozen
-class Request:
-    name: str
-    args: list[str]
-    json: bool  # say's args are [id, text], the text's inner spacing kept
-
-
-# -- parsing -------------------------------------------------------------------------------------------
-
-_ARITY: dict[str, tuple[int, int, str]] = {
-    "sessions": (0, 0, "sessions [--json]"),
-    "show": (1, 1, "show <id> [--json]"),
-    "say": (2, 2, "say [--json] <id> <text>"),  # parsed on its own: the text keeps its spaces
-    "flush": (1, 1, "flush <id> [--json]"),
-    "finish": (1, 1, "finish <id> [--json]"),
-    "stop": (1, 1, "stop <id> [--json]"),
-    "tasks": (0, 0, "tasks [--json]"),
-    "events": (0, 1, "events [id] [--json]"),
-    "stats": (0, 0, "stats [--json]"),
-    "help": (0, 0, "help [--json]"),
-    "quit": (0, 0, "quit"),
-}
-
-
-def parse(line: str) -> Request:
-    """Split a command line. ``--json`` may stand anywhere, except inside say's text (put it first)."""
-    name, rest = [*line.strip().split(None, 1), "", ""][:2]
-    name = name.lower()
-    if name not in _ARITY:
-        raise ConsoleError("unknown_command", f"unknown command {name!r} (try help)")
-    low, high, usage = _ARITY[name]
-    as_json = False
-    if name == "say":
-        words = rest.split(None, 1)
-        if words and words[0] == "--json":
-            as_json, words = True, (words[1:] and words[1].split(None, 1))
-        if len(words) != 2 or not words[1].strip():
-            raise ConsoleError("bad_argument", f"usage: {usage}")
-        return Request(name, [words[0], words[1].strip()], as_json)
-    args = rest.split()
-    if "--json" in args:
-        as_json = True
-        args = [arg for arg in args if arg != "--json"]
-    unknown = [arg for arg in args if arg.startswith("--")]
-    if unknown:
-        raise ConsoleError("bad_argument", f"unknown option {unknown[0]} (usage: {usage})")
-    if not low <= len(args) <= high:
-        raise ConsoleError("bad_argument", f"usage: {usage}")
-    return Request(name, args, as_json)
 
 
 # -- the commands --------------------------------------------------------------------------------------

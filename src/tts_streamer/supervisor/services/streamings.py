@@ -19,7 +19,6 @@ import trio
 
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import (
-    Command,
     CommandError,
     SayAdd,
     SayFinish,
@@ -41,6 +40,14 @@ from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.adapters.voipbin.wire import NIL_UUID, WireError
 from tts_streamer.supervisor.services.command_plane import Handler, NotOwned, RouteCall
 from tts_streamer.supervisor.services.route_table import with_body, with_id
+from tts_streamer.supervisor.services.streaming_says import (
+    Said,
+    read_say_add,
+    read_say_finish,
+    read_say_flush,
+    read_say_init,
+    read_say_stop,
+)
 from tts_streamer.supervisor.sessions import Supervisor
 
 log = logging.getLogger(__name__)
@@ -68,43 +75,6 @@ def refused(kind: str, reason: str) -> Response:
     """Refused before the session (e.g. a stale message id): Go answers a plain 500."""
     log.info("request refused (%s): %s", kind, reason)
     return envelope.plain_error(500)
-
-
-@attrs.frozen
-class Said:
-    """A say_* request as the session is to get it: the command, the message it must be for (say_add,
-    say_finish), the message it makes current (say_init, and say_stop: none), and whether the reply
-    carries the Streaming (Go's replies differ per route)."""
-
-    command: Command
-    for_message: uuid.UUID | None = None
-    sets_message: uuid.UUID | None = None
-    reply_streaming: bool = False
-
-
-def read_say_init(data: Any) -> Said:
-    request = models.SayInit.from_data(data)
-    return Said(SayInit(str(request.message_id)), sets_message=request.message_id, reply_streaming=True)
-
-
-def read_say_add(data: Any) -> Said:
-    # No size check here (Go has none on this route): the session's validate_text is the one check.
-    request = models.SayAdd.from_data(data)
-    return Said(SayAdd(request.text), for_message=request.message_id)
-
-
-def read_say_stop(data: Any) -> Said:
-    return Said(SayFlush(end_message=True), sets_message=NIL_UUID)
-
-
-def read_say_finish(data: Any) -> Said:
-    request = models.SayFinish.from_data(data)
-    return Said(SayFinish(), for_message=request.message_id, reply_streaming=True)
-
-
-def read_say_flush(data: Any) -> Said:
-    """Extension: barge-in that keeps the current message (say_add may continue it)."""
-    return Said(SayFlush(), reply_streaming=True)
 
 
 def plain_500() -> Response:
