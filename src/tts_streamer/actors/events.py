@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import attrs
 
@@ -70,12 +70,17 @@ class SessionError:
     kind: str
 
 
+# Why a session ended: asked to (stopped: the console or a test; deleted: a DELETE; shutdown; demo), or
+# not (hangup: Asterisk closed the leg; media_error: the socket failed; internal_error: a bug).
+StopReason = Literal["stopped", "deleted", "shutdown", "demo", "hangup", "media_error", "internal_error"]
+
+
 @attrs.frozen
 class Stopped:
     """The session has ended; exactly one per session that started."""
 
     call_id: str
-    reason: str
+    reason: StopReason
 
 
 SessionEvent = (

@@ -121,9 +121,9 @@ class Session:
         self._new_message_id = new_message_id
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Command, Reply]](config.inbox_size)
         self._scope = trio.CancelScope()
-        self._stop_reason = "stopped"
+        self._stop_reason: ev.StopReason = "stopped"
         # Set by prepare_stop: the leg is being torn down on purpose, so a peer close is expected.
-        self._stopping: str | None = None
+        self._stopping: ev.StopReason | None = None
         self._done = trio.Event()
         self._in_flight: Reply | None = None  # the command taken off the inbox and being applied
         # When the last flush's FLUSH_MEDIA was written (trio time): the caller hears silence from
@@ -176,13 +176,13 @@ class Session:
             reply.fail(CommandError("timeout", f"session {self.call_id} did not answer within {limit} s"))
         return _result(await reply.wait())
 
-    def prepare_stop(self, reason: str) -> None:
+    def prepare_stop(self, reason: ev.StopReason) -> None:
         """Say the session is about to be stopped for ``reason`` (e.g. a DELETE, before call-manager
         hangs the leg up): a peer close from now on is the expected end, recorded as ``reason``."""
         if not self._done.is_set() and self._stopping is None:
             self._stopping = reason
 
-    async def stop(self, reason: str = "stopped") -> None:
+    async def stop(self, reason: ev.StopReason = "stopped") -> None:
         """Cancel the session and wait for its cleanup. Harmless when already stopped."""
         if not self._scope.cancel_called:
             self._stop_reason = self._stopping or reason
@@ -245,7 +245,12 @@ class Session:
                 self._emit(ev.Stopped(self.call_id, self._stop_reason))
             self._done.set()
 
-    def _fail(self, started: bool, group: BaseExceptionGroup[BaseException], reason: str) -> None:
+    def _fail(
+        self,
+        started: bool,
+        group: BaseExceptionGroup[BaseException],
+        reason: Literal["hangup", "media_error"],
+    ) -> None:
         error = group.exceptions[0]
         if not started:
             raise SessionStartError(str(error)) from error

@@ -15,7 +15,7 @@ from typing import Protocol, overload
 import trio
 
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
-from tts_streamer.actors.events import EventSink
+from tts_streamer.actors.events import EventSink, StopReason
 from tts_streamer.actors.session import Session, SessionConfig, SessionStartError
 from tts_streamer.adapters.chan_websocket.client import Dialer
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
@@ -166,10 +166,10 @@ class Supervisor:
         if self.observer is not None:
             self.observer.command_error(kind)
 
-    async def stop(self, call_id: str, reason: str = "stopped") -> None:
+    async def stop(self, call_id: str, reason: StopReason = "stopped") -> None:
         await self.get(call_id).stop(reason)
 
-    async def stop_all(self, reason: str, grace: float) -> None:
+    async def stop_all(self, reason: StopReason, grace: float) -> None:
         """Stop every session; those not done within ``grace`` seconds are abandoned to cancellation."""
         self.accepting = False
         with trio.move_on_after(grace):

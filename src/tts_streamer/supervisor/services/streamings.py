@@ -316,13 +316,13 @@ class StreamingService:
         FLUSH_MEDIA sent; the call stays up. Raises CommandError."""
         await self._supervisor.call(str(streaming_id), SayFlush(end_message=True))
 
-    async def stop_all(self, reason: str) -> None:
+    async def stop_all(self, reason: ev.StopReason) -> None:
         """Shutdown: stop every streaming through the normal path (external media, socket, events)."""
         async with trio.open_nursery() as nursery:
             for state in list(self.streamings.values()):
                 nursery.start_soon(self._stop, state, reason)
 
-    async def _stop(self, state: StreamingState, reason: str) -> None:
+    async def _stop(self, state: StreamingState, reason: ev.StopReason) -> None:
         state.deleting = True
         if state.session is not None:
             # call-manager hangs the leg up, so Asterisk may close the socket before we stop the
