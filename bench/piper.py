@@ -25,8 +25,9 @@ import numpy as np
 import trio
 
 from tts_streamer.adapters.codecs import StreamResampler, ulaw_encode
-from tts_streamer.adapters.piper import PiperEngine, _wait_future, plan_chunks
+from tts_streamer.adapters.piper import PiperEngine, plan_chunks
 from tts_streamer.adapters.piper_model import OUTPUT_GAIN, default_model_paths
+from tts_streamer.adapters.vendor_stream import wait_future as _wait_future
 from tts_streamer.adapters.voice import VoiceSpec
 
 SHORT = "Hello, how can I help you today?"
