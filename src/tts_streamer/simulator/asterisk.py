@@ -9,6 +9,9 @@ module is the Trio shell around it.
 
 Use it over real TCP with ``serve_asterisk_simulator`` (``nursery.start`` reports the bound port), or
 in memory with ``memory_dialer``, which has the shape of ``trio_websocket.open_websocket_url``.
+
+A little over the ~400-line guide: the two transports (TCP and in-memory) share one leg's lifecycle
+here, and the parts that are not Trio plumbing already live in ``asterisk_call`` and ``asterisk_playout``.
 """
 
 from __future__ import annotations
