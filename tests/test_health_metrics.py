@@ -18,17 +18,11 @@ from tests.test_console import LONG_TEXT, idle_supervisor, open_daemon, wait_for
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import CommandError, SayAdd, SayFlush, SayInit
 from tts_streamer.actors.media_socket import PacingConfig
+from tts_streamer.adapters.http_serving import HttpRequest, HttpResponse, HttpServer, HttpTimeouts
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.fakes.asterisk_call import SimConfig
-from tts_streamer.supervisor.health import (
-    HttpRequest,
-    HttpResponse,
-    HttpServer,
-    HttpTimeouts,
-    Readiness,
-    serve_http,
-)
 from tts_streamer.supervisor.metrics import BucketHistogram, Metrics, metric_names, run_session_command
+from tts_streamer.supervisor.ops.health import Readiness, serve_http
 
 # -- readiness --------------------------------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ import logging
 import pytest
 
 from tts_streamer.adapters.engines import GO_POLLY_REGION, aws_settings, build_engines
-from tts_streamer.supervisor.health import HttpRequest, Readiness, health_routes
+from tts_streamer.adapters.http_serving import HttpRequest
 from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.health import Readiness, health_routes
 from tts_streamer.supervisor.providers import ProviderResolver
 
 GO_ENV = {"AWS_ACCESS_KEY": "AKIAGOSTYLE", "AWS_SECRET_KEY": "go-secret"}

@@ -23,7 +23,7 @@ from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec, VoiceStream
 from tts_streamer.adapters.wav import read_wav
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
-from tts_streamer.supervisor.media_http import MediaHttpServer, Unsatisfiable, parse_range
+from tts_streamer.supervisor.services.media_http import MediaHttpServer, Unsatisfiable, parse_range
 from tts_streamer.supervisor.speeches import (
     MediaCache,
     audio_level,

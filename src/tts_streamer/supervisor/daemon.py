@@ -37,10 +37,10 @@ from tts_streamer.supervisor.console import default_console_path, serve_console
 from tts_streamer.supervisor.delivery_source import RequestDeadlines
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.event_publisher import EVENT_EXCHANGE, EventPublisher
-from tts_streamer.supervisor.health import Readiness, serve_http
-from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.metrics import Metrics
+from tts_streamer.supervisor.ops.health import Readiness, serve_http
 from tts_streamer.supervisor.providers import ProviderResolver
+from tts_streamer.supervisor.services.media_http import MediaHttpServer
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 from tts_streamer.supervisor.signals import serve_shutdown_signals
 from tts_streamer.supervisor.speaking_parts import local_store_warning
