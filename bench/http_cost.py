@@ -6,15 +6,18 @@ the pacing loop noticeably. This measures both, A/B in one run:
 - ``requests``: the server in this process, a client in another (``client`` below) making requests
   (``/metrics``, ``/health/live``, ``/health/ready``, a GET and a ranged GET of a 64 KB file); CPU
   seconds of this process per request (``getrusage``), on kept-alive and on new connections.
+- ``requests --callgrind``: instructions of the server process per request, under callgrind (the
+  figure that does not depend on the machine's load);
 - ``pacing``: ``bench/procs.py``'s pacing scenario, the driver process also serving HTTP (h11, or
   hypercorn, or none) while a client process scrapes it at ``--rate`` requests a second; the
   lateness of the paced frames as ``bench/analyze.py`` computes it, and the driver's CPU.
 
-The hypercorn side is the ASGI app the switch would have shipped (same routes, statuses and bodies),
-served by ``hypercorn.trio.serve`` with the settings that come closest to ours (keep-alive 5 s,
-16 KB heads). Usage::
+The two servers are bench/http_servers.py's (the hypercorn side: a small ASGI app per server with our
+routes, statuses and bodies). On a loaded machine the pacing figures say more about the machine than
+about the servers: see bench/results/2026-12-03-http-servers.md. Usage::
 
     python -m bench.http_cost requests --count 3000
+    python -m bench.http_cost requests --callgrind --count 100 --mixes "all five,/health/live"
     python -m bench.http_cost pacing --sessions 200 --duration 20 --rate 20
 """
 
@@ -30,20 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from tts_streamer.supervisor.metrics import Metrics
-from tts_streamer.supervisor.ops.health import Readiness, serve_http
-from tts_streamer.supervisor.services.media_http import MediaHttpServer, Unsatisfiable, parse_range, resolve
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from bench.http_servers import start_servers
 
 FILE_NAME = "a1b2c3.wav"
 FILE_BYTES = 64 * 1024
@@ -52,138 +47,6 @@ FILE_BYTES = 64 * 1024
 def cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-# -- the hypercorn side: the two ASGI apps ---------------------------------------------------------------
-
-
-async def _reply(
-    send: Send, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", *extra: Any
-) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    """Nothing to start or stop; hypercorn wants the lifespan protocol answered all the same."""
-    while True:
-        message = await receive()
-        kind = message["type"].rpartition(".")[2]
-        await send({"type": f"lifespan.{kind}.complete"})
-        if kind == "shutdown":
-            return
-
-
-def health_app(readiness: Readiness, metrics: Metrics) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await lifespan(receive, send)
-            return
-        path, method = scope["path"], scope["method"]
-        if path not in ("/health/live", "/health/ready", "/metrics"):
-            await _reply(send, 404, b"not found\n")
-        elif method not in ("GET", "HEAD"):
-            await _reply(
-                send, 405, b"method not allowed\n", "text/plain; charset=utf-8", ("allow", "GET, HEAD")
-            )
-        elif path == "/health/live":
-            await _reply(send, 200, b"ok\n")
-        elif path == "/health/ready":
-            reasons = readiness.reasons()
-            value = {"ready": not reasons, "reasons": reasons, "vendors_unavailable": {}}
-            await _reply(
-                send, 503 if reasons else 200, json.dumps(value).encode() + b"\n", "application/json"
-            )
-        else:
-            body, content_type = metrics.render()
-            await _reply(send, 200, body, content_type)
-
-    return app
-
-
-def media_app(root: Path) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    limiter = trio.CapacityLimiter(4)
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await lifespan(receive, send)
-            return
-        if scope["method"] not in ("GET", "HEAD"):
-            await _reply(send, 405, b"method not allowed\n", "text/plain", ("allow", "GET, HEAD"))
-            return
-        target = scope["raw_path"].decode("ascii", "replace")
-        info = await trio.to_thread.run_sync(resolve, root, target, limiter=limiter)
-        if info is None:
-            await _reply(send, 404, b"not found\n")
-            return
-        headers = dict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
-        try:
-            span = parse_range(headers.get("range"), info.size)
-        except Unsatisfiable:
-            await _reply(send, 416, b"", "text/plain", ("content-range", f"bytes */{info.size}"))
-            return
-        status = 200 if span is None else 206
-        first, last = span or (0, info.size - 1)
-        extra = [("accept-ranges", "bytes"), ("etag", info.etag), ("last-modified", info.last_modified)]
-        if span is not None:
-            extra.append(("content-range", f"bytes {first}-{last}/{info.size}"))
-        length = last - first + 1
-        out = [(b"content-type", info.content_type.encode()), (b"content-length", str(length).encode())]
-        out += [(k.encode(), v.encode()) for k, v in extra]
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        if scope["method"] == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            return
-        async with await trio.open_file(info.path, "rb") as file:
-            await file.seek(first)
-            left = length
-            while left > 0:
-                chunk = await file.read(min(65536, left))
-                left -= len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": left > 0})
-
-    return app
-
-
-async def serve_hypercorn(
-    app: Any, port_box: list[int], *, task_status: Any = trio.TASK_STATUS_IGNORED
-) -> None:
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.keep_alive_timeout = 5.0
-    config.h11_max_incomplete_size = 16384
-    config.accesslog = None
-    config.errorlog = None
-    await serve(app, config, task_status=_PortStatus(port_box, task_status))
-
-
-class _PortStatus:
-    """hypercorn reports its binds as URLs; the caller wants the port."""
-
-    def __init__(self, box: list[int], outer: Any) -> None:
-        self.box, self.outer = box, outer
-
-    def started(self, binds: list[str]) -> None:
-        port = int(binds[0].rsplit(":", 1)[1])
-        self.box.append(port)
-        self.outer.started(port)
-
-
-async def start_servers(kind: str, nursery: trio.Nursery, media_root: Path) -> tuple[int, int]:
-    readiness, metrics = Readiness(command_plane_connected=True), Metrics()
-    if kind == "h11":
-        health = await nursery.start(partial(serve_http, None, readiness, metrics, host="127.0.0.1", port=0))  # type: ignore[arg-type]
-        media = await nursery.start(MediaHttpServer(media_root).serve, "127.0.0.1", 0)
-        return health, media
-    box: list[int] = []
-    health = await nursery.start(serve_hypercorn, health_app(readiness, metrics), box)
-    media = await nursery.start(serve_hypercorn, media_app(media_root), box)
-    return health, media
 
 
 # -- the client (its own process) ---------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import trio
 
-from bench.http_cost import FILE_NAME, make_media_root, start_servers
+from bench.http_cost import FILE_NAME, make_media_root
+from bench.http_servers import start_servers
 
 BIG = "big.wav"
 
