@@ -24,11 +24,13 @@ about the servers: see bench/results/2026-12-03-http-servers.md. Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import http.client
 import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,7 +107,9 @@ def _client_args(
 
 
 def make_media_root() -> Path:
+    """A media directory with one 64 KB file, removed when this process exits."""
     root = Path(tempfile.mkdtemp(prefix="http-cost-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     (root / FILE_NAME).write_bytes(b"RIFF" + os.urandom(FILE_BYTES - 4))
     return root
 
@@ -219,6 +223,7 @@ def pacing(args: argparse.Namespace) -> list[dict[str, Any]]:
     original = procs._spawn
     rows: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="http-cost-pacing-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     for attempt in range(args.rounds):
         for kind in kinds:
 
