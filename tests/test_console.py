@@ -28,10 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import media_uri, tasks_of
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.session import SessionConfig
+from tts_streamer.adapters.http_serving import HttpServer
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.simulator.asterisk import AsteriskSimulator, SimConfig, memory_dialer
 from tts_streamer.supervisor.event_bus import EventBus
-from tts_streamer.supervisor.health import HttpServer, Readiness, health_routes
 from tts_streamer.supervisor.ops.console import (
     GREETING,
     Console,
@@ -42,6 +42,7 @@ from tts_streamer.supervisor.ops.console import (
 from tts_streamer.supervisor.ops.console_client import run_console_client, with_json
 from tts_streamer.supervisor.ops.console_commands import ConsoleError, parse
 from tts_streamer.supervisor.ops.console_views import HISTORY_TEXT_CHARS, EventHistory
+from tts_streamer.supervisor.ops.health import Readiness, health_routes
 from tts_streamer.supervisor.ops.metrics import Metrics
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 

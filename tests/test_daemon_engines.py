@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from tts_streamer.adapters.http_serving import HttpRequest
 from tts_streamer.supervisor.daemon import engines_from_environment
-from tts_streamer.supervisor.health import HttpRequest, Readiness, health_routes
+from tts_streamer.supervisor.ops.health import Readiness, health_routes
 from tts_streamer.supervisor.ops.metrics import Metrics
 
 CLOUD_VARIABLES = (

@@ -14,7 +14,7 @@ from tests.services import require_rabbitmq
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec, VoiceStream
 from tts_streamer.supervisor.daemon import _warm_voices
-from tts_streamer.supervisor.health import Readiness
+from tts_streamer.supervisor.ops.health import Readiness
 
 
 @attrs.define

@@ -18,16 +18,10 @@ from tests.test_console import LONG_TEXT, idle_supervisor, open_daemon, wait_for
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import CommandError, SayAdd, SayFlush, SayInit
 from tts_streamer.actors.media_socket import PacingConfig
+from tts_streamer.adapters.http_serving import HttpRequest, HttpResponse, HttpServer, HttpTimeouts
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.simulator.asterisk_call import SimConfig
-from tts_streamer.supervisor.health import (
-    HttpRequest,
-    HttpResponse,
-    HttpServer,
-    HttpTimeouts,
-    Readiness,
-    serve_http,
-)
+from tts_streamer.supervisor.ops.health import Readiness, serve_http
 from tts_streamer.supervisor.ops.metrics import BucketHistogram, Metrics, metric_names
 
 # -- readiness --------------------------------------------------------------------------------------------
@@ -144,6 +138,19 @@ async def test_bad_requests_get_clear_statuses(nursery, autojump_clock):
     start = trio.current_time()
     slow = await exchange(server, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", nursery)
     assert slow.startswith(b"HTTP/1.1 503 ") and trio.current_time() - start == pytest.approx(2.0)
+
+
+async def test_a_request_head_past_16_kb_is_refused_before_it_is_all_in(nursery, autojump_clock):
+    """The head is buffered until complete: a bound on it is a bound on memory per connection."""
+    server = routes_for_tests()
+    client, server_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.handle_connection, server_end)
+    await client.send_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 17000)  # never ends
+    reply = bytearray()
+    while data := await client.receive_some(65536):
+        reply += data
+    assert reply.startswith(b"HTTP/1.1 431 ") and b"connection: close" in reply.lower()
+    assert trio.current_time() < 1.0  # refused on arrival, not at the header deadline
 
 
 async def receive_until(stream: trio.abc.Stream, end: bytes) -> bytes:

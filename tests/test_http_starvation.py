@@ -19,17 +19,11 @@ import trio
 import trio.testing
 
 from tests.test_console import idle_supervisor
-from tts_streamer.supervisor.health import (
-    HttpRequest,
-    HttpResponse,
-    HttpServer,
-    HttpTimeouts,
-    Readiness,
-    serve_http,
-)
-from tts_streamer.supervisor.http_slots import ConnectionSlots
-from tts_streamer.supervisor.media_http import MediaHttpServer
+from tts_streamer.adapters.http_serving import HttpRequest, HttpResponse, HttpServer, HttpTimeouts
+from tts_streamer.adapters.http_slots import ConnectionSlots
+from tts_streamer.supervisor.ops.health import Readiness, serve_http
 from tts_streamer.supervisor.ops.metrics import Metrics
+from tts_streamer.supervisor.services.media_http import MediaHttpServer
 
 # Far longer than any test here: an answer cannot come from an idle connection timing out.
 PATIENT = HttpTimeouts(header=120.0, idle=120.0, request=120.0, handler=5.0, write=5.0)

@@ -31,7 +31,7 @@ import yaml
 
 from tts_streamer.cli import _parser
 from tts_streamer.supervisor.config import DaemonConfig
-from tts_streamer.supervisor.health import Readiness, health_routes
+from tts_streamer.supervisor.ops.health import Readiness, health_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from tts_streamer.adapters.engines import GO_POLLY_REGION, aws_settings, build_engines
-from tts_streamer.supervisor.health import HttpRequest, Readiness, health_routes
+from tts_streamer.adapters.http_serving import HttpRequest
+from tts_streamer.supervisor.ops.health import Readiness, health_routes
 from tts_streamer.supervisor.ops.metrics import Metrics
 from tts_streamer.supervisor.services.providers import ProviderResolver
 

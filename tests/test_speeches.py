@@ -24,7 +24,7 @@ from tts_streamer.adapters.media_files import MediaCache
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec, VoiceStream
 from tts_streamer.adapters.wav import read_wav
-from tts_streamer.supervisor.media_http import MediaHttpServer, Unsatisfiable, parse_range
+from tts_streamer.supervisor.services.media_http import MediaHttpServer, Unsatisfiable, parse_range
 from tts_streamer.supervisor.services.speeches import (
     audio_level,
     media_base_url,

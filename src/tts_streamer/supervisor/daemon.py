@@ -34,8 +34,8 @@ from tts_streamer.adapters.engines import close_engines, warm_engines
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.supervisor.config import ConfigError, DaemonConfig
 from tts_streamer.supervisor.event_bus import EventBus
-from tts_streamer.supervisor.health import Readiness, serve_http
 from tts_streamer.supervisor.ops.console import default_console_path, serve_console
+from tts_streamer.supervisor.ops.health import Readiness, serve_http
 from tts_streamer.supervisor.ops.metrics import Metrics
 from tts_streamer.supervisor.services.command_plane import CONTROL_EXCHANGE, CommandPlane
 from tts_streamer.supervisor.services.speaking_recovery import OrphanSweeper

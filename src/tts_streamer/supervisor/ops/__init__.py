@@ -1,0 +1,1 @@
+"""Operations: the console, health and metrics, logging."""

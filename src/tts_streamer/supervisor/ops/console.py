@@ -26,11 +26,11 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from tts_streamer.adapters.serving import serve_stream_listeners
 from tts_streamer.supervisor.event_bus import EventBus
 from tts_streamer.supervisor.ops.console_commands import ClientGone, ConsoleCommands
 from tts_streamer.supervisor.ops.console_views import EventHistory, error_row
 from tts_streamer.supervisor.ops.metrics import Metrics
-from tts_streamer.supervisor.serving import serve_stream_listeners
 from tts_streamer.supervisor.sessions import Supervisor
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""The voipbin services: command plane, streamings, speakings, speeches."""

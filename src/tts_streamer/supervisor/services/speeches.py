@@ -11,7 +11,7 @@ empty voice), with the embedded offline voice last, so the route works without c
 Beyond Go: identical requests that arrive together synthesise once (the others wait for that file);
 text with bare ``&``/``<`` is escaped when wrapped (Go answers 500); the directory is bounded (least
 recently used files, by access time, are removed past ``max_bytes``); the daemon serves the directory
-itself (supervisor/media_http.py). The directory itself is ``adapters/media_files.py``.
+itself (supervisor/services/media_http.py). The directory itself is ``adapters/media_files.py``.
 """
 
 from __future__ import annotations

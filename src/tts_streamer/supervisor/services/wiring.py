@@ -25,9 +25,9 @@ from tts_streamer.adapters.voipbin.call_manager import CallManager
 from tts_streamer.adapters.voipbin.flow_manager import FlowManager
 from tts_streamer.supervisor.config import DaemonConfig
 from tts_streamer.supervisor.event_bus import EventBus
-from tts_streamer.supervisor.media_http import MediaHttpServer
 from tts_streamer.supervisor.services.command_plane import CommandPlane
 from tts_streamer.supervisor.services.delivery_source import RequestDeadlines
+from tts_streamer.supervisor.services.media_http import MediaHttpServer
 from tts_streamer.supervisor.services.providers import FallbackCounter, ProviderResolver
 from tts_streamer.supervisor.services.speaking_parts import local_store_warning
 from tts_streamer.supervisor.services.speaking_recovery import LivenessConfig, OrphanSweeper

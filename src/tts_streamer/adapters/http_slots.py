@@ -10,7 +10,7 @@ period (its client does not read: a slow-read attack holds slots just as well). 
 request is being handled, or whose writes flow, is never closed for that; when every connection is, new
 ones wait in the kernel's backlog, as before. The limit itself does not change.
 
-The accept loop (supervisor/serving.py) takes a slot before each accept; the server marks each of its
+The accept loop (adapters/serving.py) takes a slot before each accept; the server marks each of its
 connections ``waiting`` (sheddable) or ``busy`` as it moves between reading a request and answering it.
 """
 

@@ -1,13 +1,19 @@
-"""Health and metrics over HTTP: ``/health/live``, ``/health/ready`` and ``/metrics`` (default port 9090).
+"""A small HTTP/1.1 server: h11 (the sans-IO state machine) driven by Trio streams, with a route table.
 
-The server is h11 (the sans-IO HTTP/1.1 state machine) driven by Trio streams, with a tiny route table
-of async handlers, so other endpoints (file serving, say) can be added as routes. Each connection is
-bounded in time at every step: a new connection must send its whole request head within ``header``
-seconds, a kept-alive one must begin its next request within ``idle``, then the request must be in
-within ``request``; the handler and every write are bounded too, and a request body in size. At the
-connection limit the longest-idle connection without a complete request (else a write stalled on a
-client that does not read) is closed to make room (supervisor/http_slots.py), so idle, trickling or
-non-reading clients cannot starve the probes. HEAD is answered for every GET route.
+Routes are ``{(method, path): handler}`` of async handlers; the health/metrics server
+(supervisor/ops/health.py) and the media server (supervisor/services/media_http.py) are built on it.
+Each connection is bounded in time at every step: a new connection must send its whole request head
+within ``header`` seconds, a kept-alive one must begin its next request within ``idle``, then the
+request must be in within ``request``; the handler and every write are bounded too, and a request body
+in size. At the connection limit the longest-idle connection without a complete request (else a write
+stalled on a client that does not read) is closed to make room (adapters/http_slots.py), so idle,
+trickling or non-reading clients cannot starve the probes. HEAD is answered for every GET route.
+
+Why not hypercorn (issue 18): its trio worker has no connection limit, no write timeout (a client that
+does not read holds its connection for good), one keep-alive timer for both the header deadline and
+the idle wait, no 408, empty reason phrases, and always speaks HTTP/2 on a plain port; keeping our
+limits on it would mean driving its internal per-connection class. Measured in bench/http_limits.py
+and bench/http_cost.py.
 """
 
 from __future__ import annotations
@@ -22,54 +28,13 @@ import attrs
 import h11
 import trio
 
-from tts_streamer.supervisor.http_slots import ConnectionSlots, Slot
-from tts_streamer.supervisor.ops.metrics import Metrics
-from tts_streamer.supervisor.serving import serve_stream_listeners
-from tts_streamer.supervisor.sessions import Supervisor
+from tts_streamer.adapters.http_slots import ConnectionSlots, Slot
+from tts_streamer.adapters.serving import serve_stream_listeners
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = b"tts-streamer"
 _RECEIVE_BYTES = 65536
-
-
-# -- readiness ----------------------------------------------------------------------------------------
-
-
-@attrs.define
-class Readiness:
-    """What decides ``/health/ready``; the daemon flips these as its command plane and lifecycle move."""
-
-    command_plane_connected: bool = False
-    draining: bool = False
-    # Detail, not a readiness failure: requests for these fall back to another voice.
-    vendors_unavailable: dict[str, str] = attrs.field(factory=dict)
-    # Detail, not a readiness failure: the speakings' store is a local file although other pods may
-    # serve the same shared queue (docs/deploy.md); empty when the store is shared.
-    speakings_store_warning: str = ""
-    # Start-up warm-up of the cloud voices (bounded by VOICE_WARMUP_TIMEOUT): not ready meanwhile, so
-    # a first call does not land on a cold pod; those that failed to warm are detail, not a failure.
-    vendors_warming: bool = False
-    vendors_not_warmed: dict[str, str] = attrs.field(factory=dict)
-
-    def reasons(self, supervisor: Supervisor | None = None) -> list[str]:
-        """Why the daemon is not ready (empty when it is); stable codes for probes and dashboards."""
-        reasons: list[str] = []
-        if not self.command_plane_connected:
-            reasons.append("command_plane_disconnected")
-        if self.draining:
-            reasons.append("draining")
-        if self.vendors_warming:
-            reasons.append("vendors_warming")
-        if supervisor is not None and not supervisor.accepting:
-            reasons.append("not_accepting_sessions")
-        return reasons
-
-    def ready(self, supervisor: Supervisor | None = None) -> bool:
-        return not self.reasons(supervisor)
-
-
-# -- a small HTTP/1.1 server on h11 -------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -359,47 +324,3 @@ def _to_request(head: h11.Request, body: bytes) -> HttpRequest:
         body=body,
         target=target,
     )
-
-
-# -- the daemon's endpoints -----------------------------------------------------------------------------
-
-
-def health_routes(
-    supervisor: Supervisor, readiness: Readiness, metrics: Metrics
-) -> dict[tuple[str, str], Handler]:
-    async def live(_request: HttpRequest) -> HttpResponse:
-        # Answering at all is the proof: this runs on the same Trio loop as every session.
-        return HttpResponse.text(200, "ok")
-
-    async def ready(_request: HttpRequest) -> HttpResponse:
-        reasons = readiness.reasons(supervisor)
-        detail: dict[str, object] = {
-            "vendors_unavailable": readiness.vendors_unavailable,
-            "vendors_not_warmed": readiness.vendors_not_warmed,
-        }
-        if readiness.speakings_store_warning:
-            detail["speakings_store_warning"] = readiness.speakings_store_warning
-        if reasons:
-            return HttpResponse.json(503, {"ready": False, "reasons": reasons, **detail})
-        return HttpResponse.json(200, {"ready": True, "reasons": [], **detail})
-
-    async def scrape(_request: HttpRequest) -> HttpResponse:
-        body, content_type = metrics.render()
-        return HttpResponse(200, body, content_type)
-
-    return {("GET", "/health/live"): live, ("GET", "/health/ready"): ready, ("GET", "/metrics"): scrape}
-
-
-async def serve_http(
-    supervisor: Supervisor,
-    readiness: Readiness,
-    metrics: Metrics,
-    *,
-    host: str = "0.0.0.0",
-    port: int = 9090,
-    timeouts: HttpTimeouts = HttpTimeouts(),
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the health and metrics endpoints until cancelled; ``nursery.start`` returns the bound port."""
-    server = HttpServer(health_routes(supervisor, readiness, metrics), timeouts=timeouts)
-    await server.serve(host, port, task_status=task_status)

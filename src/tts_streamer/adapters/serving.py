@@ -4,7 +4,7 @@ Like ``trio.serve_listeners``, but each connection runs in a task named after th
 sequence number (``console[3]``, ``http[12]``) so the task tree says what it is; at most
 ``max_connections`` run at once (the rest wait in the kernel's backlog); and a handler that fails is
 logged and closed without taking the server, or the daemon, down with it. A server may pass its own
-``slots`` (anything with ``acquire``/``release``, e.g. supervisor/http_slots.py, which makes room by
+``slots`` (anything with ``acquire``/``release``, e.g. adapters/http_slots.py, which makes room by
 closing idle connections) instead of the plain semaphore.
 """
 

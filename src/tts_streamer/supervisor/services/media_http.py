@@ -1,6 +1,6 @@
 """Serves the speeches media directory over HTTP (GET/HEAD, single byte ranges), on its own port.
 
-It is the daemon's h11 server (supervisor/health.py) with one fallback handler for every path; Asterisk
+It is the daemon's h11 server (adapters/http_serving.py) with one fallback handler for every path; Asterisk
 fetches ``sound:http://<pod>/<sha1>.wav`` through it (res_http_media_cache).
 
 Only names directly in the directory are served: a path with more than one segment, a ``.`` or ``..``
@@ -8,7 +8,7 @@ segment (also percent-encoded), a backslash, a NUL, a hidden name, or anything t
 directory (a symlink pointing out) is 404, as is anything that is not a regular file. Every wait is
 bounded: the request head (2 s from accept), idle keep-alive, receiving a request, each write; a
 client that stops reading is dropped, and at the connection limit an idle connection makes room for a
-new one (supervisor/http_slots.py).
+new one (adapters/http_slots.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Final
 import attrs
 import trio
 
-from tts_streamer.supervisor.health import HttpRequest, HttpResponse, HttpServer, HttpTimeouts
+from tts_streamer.adapters.http_serving import HttpRequest, HttpResponse, HttpServer, HttpTimeouts
 
 log = logging.getLogger(__name__)
 
