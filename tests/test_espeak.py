@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from tts_streamer.adapters.codecs import ulaw_decode
-from tts_streamer.adapters.espeak import EspeakEngine, split_sentences
+from tts_streamer.adapters.espeak import EspeakEngine
+from tts_streamer.adapters.vendor_stream import split_sentences
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
 
 pytestmark = pytest.mark.realtime
