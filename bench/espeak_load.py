@@ -20,6 +20,7 @@ Load-independent figures are the CPU ones; wall-clock ones depend on the machine
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import resource
@@ -181,7 +182,10 @@ async def run_one(engine: EspeakEngine, sessions: int, seconds: float) -> dict[s
 
 
 async def main_async(options: argparse.Namespace) -> None:
-    engine = EspeakEngine()
+    if options.engine_module:  # A/B against another implementation (e.g. the in-process engine of old)
+        engine = importlib.import_module(options.engine_module).EspeakEngine()
+    else:
+        engine = EspeakEngine(workers=options.workers)
     try:
         async with engine.open_stream(VoiceSpec()) as stream:  # start (and warm) the engine first
             await stream.send_text("Warm up.")
@@ -201,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--sessions", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--workers", type=int, default=None, help="ESPEAK_WORKERS (default: one per core)")
+    parser.add_argument("--engine-module", default="", help="a module with another EspeakEngine to compare")
     trio.run(main_async, parser.parse_args(argv))
 
 

@@ -258,3 +258,30 @@ def test_ready_frame_names_the_worker_pid() -> None:
         proc.stdin.close()  # EOF: the worker exits
         assert (kind, rate, pid) == (wire.READY, 22050, proc.pid)
         assert proc.wait(timeout=5) == 0
+
+
+async def test_a_hung_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Says READY, then reads its jobs and never answers.
+    hung = (
+        "import os, struct, sys; out = sys.stdout.buffer; "
+        f"out.write(struct.pack('<IBI', 8, {wire.READY}, 0) + struct.pack('<II', 22050, os.getpid())); "
+        "out.flush(); sys.stdin.buffer.read()"
+    )
+    monkeypatch.setattr("tts_streamer.adapters.espeak.STALL_TIMEOUT", 0.4)
+    engine = EspeakEngine(workers=1, worker_command=[sys.executable, "-c", hung])
+    try:
+        await engine.start()
+        [pid] = engine.worker_pids
+        with trio.fail_after(5):
+            async with engine.open_stream(VoiceSpec()) as stream:
+                await stream.send_text("Anybody there?")
+                await stream.end_input()
+                with pytest.raises(VoiceError):
+                    async for _chunk in stream.audio():
+                        pass  # pragma: no cover
+            while engine.worker_pids in ([], [pid]):  # noqa: ASYNC110 (replaced in the background)
+                await trio.sleep(0.01)
+        assert _gone(pid)
+    finally:
+        with trio.fail_after(3):
+            await engine.aclose()

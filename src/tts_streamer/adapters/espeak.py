@@ -79,6 +79,7 @@ class _Worker:
     jobs: dict[int, _Job] = attrs.Factory(dict)
     outbox: list[bytes] = attrs.Factory(list)
     wake: trio.Event = attrs.Factory(trio.Event)
+    progress_at: float = 0.0  # last frame read, or when jobs came to an idle worker
 
     def post(self, data: bytes) -> None:
         self.outbox.append(data)
@@ -282,24 +283,48 @@ class _Pool:
         self, worker: _Worker, stdout: trio.abc.ReceiveStream, decoder: wire.FrameDecoder
     ) -> None:
         while True:
-            with trio.move_on_after(STALL_TIMEOUT if worker.jobs else math.inf) as waited:
+            with trio.move_on_after(STALL_TIMEOUT / 4) as waited:
                 data = await stdout.receive_some(65536)
+            now = trio.current_time()
             if waited.cancelled_caught:
-                log.error(
-                    "espeak worker %d (pid %d) sent nothing for %s s", worker.slot, worker.pid, STALL_TIMEOUT
-                )
-                return
+                if worker.jobs and now - worker.progress_at > STALL_TIMEOUT:
+                    log.error(
+                        "espeak worker %d (pid %d) hung: nothing for %s s",
+                        worker.slot,
+                        worker.pid,
+                        STALL_TIMEOUT,
+                    )
+                    return
+                continue
             if not data:
                 return
+            worker.progress_at = now
+            # Under load one read holds many buffers: those of one job in a row go out as one chunk, so
+            # the busier the loop, the fewer wake-ups each second of speech costs it.
+            run: list[bytes] = []
+            run_job = 0
             for kind, job_id, payload in decoder.feed(data):
-                self._on_frame(worker, kind, job_id, payload)
+                if kind == wire.AUDIO and (job_id == run_job or not run):
+                    run.append(payload)
+                    run_job = job_id
+                    continue
+                if run:
+                    self._audio(worker, run_job, run)
+                    run = []
+                if kind == wire.AUDIO:
+                    run, run_job = [payload], job_id
+                else:
+                    self._on_frame(worker, kind, job_id, payload)
+            if run:
+                self._audio(worker, run_job, run)
+
+    def _audio(self, worker: _Worker, job_id: int, payloads: list[bytes]) -> None:
+        job = worker.jobs.get(job_id)
+        if job is not None and not job.stream.cancelled:
+            job.stream.deliver(payloads[0] if len(payloads) == 1 else b"".join(payloads))
 
     def _on_frame(self, worker: _Worker, kind: int, job_id: int, payload: bytes) -> None:
-        if kind == wire.AUDIO:
-            job = worker.jobs.get(job_id)
-            if job is not None and not job.stream.cancelled:
-                job.stream.deliver(payload)
-        elif kind == wire.DONE:
+        if kind == wire.DONE:
             job = worker.jobs.pop(job_id, None)
             if job is not None:
                 self._finished(job, payload[0], payload[1:].decode("utf-8", "replace"))
@@ -335,6 +360,8 @@ class _Pool:
             if job.stream.cancelled:
                 continue
             worker = min(free, key=lambda w: len(w.jobs))
+            if not worker.jobs:
+                worker.progress_at = trio.current_time()  # idle until now: the stall clock starts here
             worker.jobs[job.id] = job
             worker.post(wire.synth_frame(job.id, job.stream.wpm, job.stream.voice_name, job.text))
 
