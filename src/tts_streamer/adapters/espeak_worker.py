@@ -294,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         worker.run()
     except BrokenPipeError:
-        pass  # the daemon went away
+        # The daemon went away: point stdout at /dev/null so the flush at exit does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     return 0
 
 
