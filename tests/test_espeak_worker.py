@@ -288,3 +288,12 @@ async def test_a_hung_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPa
     finally:
         with trio.fail_after(3):
             await engine.aclose()
+
+
+def test_espeak_workers_setting() -> None:
+    from tts_streamer.adapters.engines import build_engines
+
+    assert getattr(build_engines({"ESPEAK_WORKERS": "3"})[0]["espeak"], "workers", None) == 3
+    default = len(os.sched_getaffinity(0))
+    for bad in ("", "-2", "many"):
+        assert getattr(build_engines({"ESPEAK_WORKERS": bad})[0]["espeak"], "workers", None) == default
