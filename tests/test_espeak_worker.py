@@ -270,7 +270,7 @@ async def test_a_hung_worker_is_killed_and_replaced(monkeypatch: pytest.MonkeyPa
         f"out.write(struct.pack('<IBI', 8, {wire.READY}, 0) + struct.pack('<II', 22050, os.getpid())); "
         "out.flush(); sys.stdin.buffer.read()"
     )
-    monkeypatch.setattr("tts_streamer.adapters.espeak.STALL_TIMEOUT", 0.4)
+    monkeypatch.setattr("tts_streamer.adapters.espeak_pool.STALL_TIMEOUT", 0.4)
     engine = EspeakEngine(workers=1, worker_command=[sys.executable, "-c", hung])
     try:
         await engine.start()
