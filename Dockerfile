@@ -65,8 +65,8 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
 
 # The daemon is PID 1 (exec form, no shell in between): Trio installs SIGTERM/SIGINT handlers, so the
 # kernel's "PID 1 ignores signals it does not handle" rule does not apply, and SIGTERM starts the bounded
-# drain (DRAIN_TIMEOUT). No init is needed: the daemon starts no child processes (espeak-ng is a library
-# loaded in-process), so there are no zombies to reap. docs/deploy.md says when to add tini.
+# drain (DRAIN_TIMEOUT). No init is needed: the daemon's only children are its espeak-ng workers, which it
+# reaps itself and which start nothing, so no zombie is re-parented to PID 1. docs/deploy.md says when to add tini.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tts-streamer"]
 CMD ["serve"]

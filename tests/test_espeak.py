@@ -4,6 +4,7 @@ autojump clock would fire the timeouts early."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import trio
 
 from tts_streamer.adapters.codecs import ulaw_decode
-from tts_streamer.adapters.espeak import EspeakEngine, split_sentences
+from tts_streamer.adapters.espeak import EspeakEngine
+from tts_streamer.adapters.vendor_stream import split_sentences
 from tts_streamer.adapters.voice import VoiceEngine, VoiceError, VoiceSpec
 
 pytestmark = pytest.mark.realtime
@@ -207,23 +209,26 @@ async def test_closing_the_engine_ends_open_streams(engine: EspeakEngine) -> Non
 
 
 async def test_error_in_synth_callback_stops_the_job_and_fails_the_stream(
-    engine: EspeakEngine, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    calls = 0
-
-    def broken_encode(pcm: np.ndarray) -> bytes:
-        nonlocal calls
-        calls += 1
-        raise ValueError("encoder broke")
-
-    monkeypatch.setattr("tts_streamer.adapters.espeak.ulaw_encode", broken_encode)
-    with trio.fail_after(3):
-        async with engine.open_stream(VoiceSpec()) as stream:
-            await stream.send_text(LONG_TEXT)
-            await stream.end_input()
-            with pytest.raises(VoiceError):
-                async for _chunk in stream.audio():
-                    pass
-    assert calls == 1  # the callback returned 1 and the remaining sentences were skipped
-    monkeypatch.undo()
-    assert len(b"".join(await _speak(engine, "Recovered."))) > 0
+    # The callback runs in the worker process: the fault is injected there (the encoder fails once).
+    count = tmp_path / "encoder-calls"
+    faulty = Path(__file__).with_name("espeak_faulty_worker.py")
+    engine = EspeakEngine(workers=1, worker_command=[sys.executable, str(faulty), str(count)])
+    try:
+        with trio.fail_after(5), caplog.at_level(logging.ERROR, logger="tts_streamer.adapters.espeak"):
+            async with engine.open_stream(VoiceSpec()) as stream:
+                await stream.send_text(LONG_TEXT)
+                await stream.end_input()
+                with pytest.raises(VoiceError):
+                    async for _chunk in stream.audio():
+                        pass
+        calls = count.stat().st_size
+        assert calls == 1  # the callback returned 1 and the remaining sentences were skipped
+        assert any("encoder broke" in r.getMessage() for r in caplog.records)  # the worker's log, relayed
+        # The same worker process speaks on.
+        assert len(b"".join(await _speak(engine, "Recovered."))) > 0
+        assert count.stat().st_size > calls
+    finally:
+        with trio.fail_after(3):
+            await engine.aclose()

@@ -41,7 +41,12 @@ def build_engines(env: Mapping[str, str]) -> tuple[dict[str, VoiceEngine], dict[
             log.warning("voice %s unavailable: %s", name, reason)
     from tts_streamer.adapters.espeak import EspeakEngine
 
-    engines["espeak"] = EspeakEngine()
+    try:
+        espeak_workers = int(_float(env, "ESPEAK_WORKERS", 0)) or None  # None: one per core
+        engines["espeak"] = EspeakEngine(workers=espeak_workers)
+    except ValueError as exc:  # the offline voice must exist: a bad setting falls back to the default
+        log.error("ESPEAK_WORKERS: %s; using one worker per core", exc)
+        engines["espeak"] = EspeakEngine()
     try:
         piper, reason = _piper(env, engines["espeak"])
     except Exception as exc:  # e.g. a bad PIPER_MAX_STREAMS: the daemon runs on without Piper

@@ -1,190 +1,83 @@
-"""espeak-ng, the embedded offline voice, driven through ctypes from one engine thread.
+"""espeak-ng, the embedded offline voice, synthesised in worker processes off the event loop.
 
-libespeak-ng is process-global and not thread-safe (two threads in ``espeak_Synth`` crash the
-interpreter), so a single daemon thread per engine owns every call and streams submit sentence-sized jobs
-to it by queue. Synchronous mode runs synthesis on that thread and hands 22,050 Hz PCM to a callback, which
-converts it to 8 kHz mu-law and passes it to Trio with ``TrioToken.run_sync_soon`` (never blocking the
-engine thread on Trio). Stopping is the callback returning 1: ``espeak_Cancel`` does not stop synchronous
-synthesis. Calls into the library are also serialised by a module lock, so several engines (tests) can
-coexist, each re-initialising the library with its own data path when needed.
+libespeak-ng is process-global, not thread-safe, and its synchronous callback needs Python once per
+buffer; run in the daemon that callback took the GIL from the loop for every buffer of every call. So the
+library lives in worker processes (adapters/espeak_worker.py, a framed protocol over pipes; the pool is
+adapters/espeak_pool.py): the daemon side is a Trio task pair per worker that writes jobs and reads
+8 kHz mu-law chunks, one pipe read and one channel put per buffer. A dead worker is replaced; the
+utterances it held fail with ``VoiceError`` (kind "synth"), as a failed synthesis always did, and reach
+the session's fallback or error path.
+
+Scheduling: one job is one sentence, and each stream has at most one job queued or running, so the queue
+is bounded by the open streams and a stream's audio comes in order. Waiting jobs go to the first free
+worker earliest deadline first (the deadline is when the caller would run out of the audio it has; now,
+for a first sentence), each worker holding at most ``MAX_JOBS_PER_WORKER``. espeak-ng is the last-resort
+voice (Piper's overflow, every fallback chain's end), so there is no admission limit: at ~2 ms of CPU per
+second of speech a core speaks ~500 calls in real time (bench/results/2026-12-03-espeak.md), and a
+burst waits in the queue, not on the loop.
+
+Stopping: leaving ``open_stream`` drops the stream's waiting job, sends CANCEL for its running one (the
+worker's callback returns 1 at its next buffer) and closes the stream's channel, so no later chunk is
+delivered. ``aclose()`` ends every stream, closes the workers' stdin (they exit on EOF, or are killed
+after ``CLOSE_TIMEOUT``) and returns once every process is reaped. The pool starts lazily and runs in a
+Trio system task of the current run (the engine is shared by sessions of every nursery), or in the
+nursery of ``open_espeak_engine``; either way it is cancelled, processes killed, when the run ends.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import os
-import queue
-import re
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from concurrent.futures import Future
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from ctypes import POINTER, c_char_p, c_int, c_short, c_size_t, c_uint, c_void_p
-from typing import Any
 
-import attrs
-import numpy as np
 import trio
 
-from tts_streamer.adapters.codecs import StreamResampler, ulaw_encode
-from tts_streamer.adapters.vendor_stream import wait_future
+from tts_streamer.adapters import espeak_worker as wire
+from tts_streamer.adapters.espeak_pool import CLOSE_TIMEOUT, START_TIMEOUT, Job, WorkerPool, default_workers
+from tts_streamer.adapters.vendor_stream import split_sentences
 from tts_streamer.adapters.voice import VoiceError, VoiceSpec
 
 log = logging.getLogger(__name__)
 
-AUDIO_OUTPUT_SYNCHRONOUS = 2
-ESPEAK_INITIALIZE_DONT_EXIT = 0x8000  # without it a bad data path calls exit(1) inside the library
-ESPEAK_RATE = 1
-POS_CHARACTER = 1
-ESPEAK_CHARS_UTF8 = 1
-# Each sentence is its own espeak_Synth call; without this flag sentences run together with no pause.
-ESPEAK_ENDPAUSE = 0x1000
 DEFAULT_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _GENDER_VARIANTS = {"female": "+f3", "f": "+f3", "male": "+m3", "m": "+m3"}
-
-_SynthCallback = ctypes.CFUNCTYPE(c_int, POINTER(c_short), c_int, c_void_p)
-
-_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
-    "espeak_Initialize": (c_int, [c_int, c_int, c_char_p, c_int]),
-    "espeak_SetSynthCallback": (None, [_SynthCallback]),
-    "espeak_SetVoiceByName": (c_int, [c_char_p]),
-    "espeak_SetParameter": (c_int, [c_int, c_int, c_int]),
-    # text, size, position, position_type, end_position, flags, unique_identifier, user_data
-    "espeak_Synth": (c_int, [c_char_p, c_size_t, c_uint, c_int, c_uint, c_uint, POINTER(c_uint), c_void_p]),
-}
-
-
-class _Library:
-    """One loaded libespeak-ng with its prototypes, its callback and what it was initialised with."""
-
-    def __init__(self, path: str) -> None:
-        lib = ctypes.CDLL(path)
-        for name, (restype, argtypes) in _PROTOTYPES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        self.lib = lib
-        # Lives as long as the module-level registry, i.e. the process: a collected callback segfaults.
-        self.callback = _SynthCallback(self._on_synth)
-        self.init_key: tuple[str, int] | None = None
-        self.sample_rate = 0
-        self.voice: str | None = None
-        self.active: _Job | None = None
-
-    def ensure_initialized(self, data_path: str, buflength_ms: int) -> int:
-        if self.init_key == (data_path, buflength_ms):
-            return self.sample_rate
-        # A bad path after a good one "succeeds" yet leaves synthesis broken, so check before trying.
-        if not os.path.isfile(os.path.join(data_path, "phontab")):
-            raise VoiceError(f"espeak-ng data not found at {data_path!r} (no phontab)", kind="init")
-        rate: int = self.lib.espeak_Initialize(
-            AUDIO_OUTPUT_SYNCHRONOUS, buflength_ms, os.fsencode(data_path), ESPEAK_INITIALIZE_DONT_EXIT
-        )
-        self.init_key, self.voice = None, None
-        if rate <= 0:
-            raise VoiceError(f"espeak_Initialize failed for data path {data_path!r}", kind="init")
-        self.lib.espeak_SetSynthCallback(self.callback)
-        self.init_key, self.sample_rate = (data_path, buflength_ms), rate
-        return rate
-
-    def set_voice(self, name: str) -> bool:
-        if self.voice == name:
-            return True
-        ok = int(self.lib.espeak_SetVoiceByName(name.encode())) == 0
-        self.voice = name if ok else None
-        return ok
-
-    def _on_synth(self, wav: ctypes._Pointer[c_short], n: int, events: int | None) -> int:
-        # Any exception escaping a ctypes callback is printed and read as 0 ("carry on"): stop instead.
-        try:
-            job = self.active
-            if job is None or job.stream.cancelled:
-                return 1
-            if not wav or n <= 0:
-                return 0
-            assert job.resampler is not None
-            pcm = np.ctypeslib.as_array(wav, shape=(n,))
-            out = job.resampler.process(pcm)
-            if out.size:
-                job.stream._deliver(ulaw_encode(out))
-            return 0
-        except BaseException:
-            log.exception("espeak synth callback failed")
-            if self.active is not None:
-                self.active.stream.failed = True
-            return 1
-
-
-_LOCK = threading.Lock()
-_LIBRARIES: dict[str, _Library] = {}
-
-
-def _library(path: str) -> _Library:
-    with _LOCK:
-        lib = _LIBRARIES.get(path)
-        if lib is None:
-            try:
-                lib = _LIBRARIES[path] = _Library(path)
-            except (OSError, AttributeError) as exc:
-                raise VoiceError(f"cannot load libespeak-ng from {path!r}: {exc}", kind="init") from exc
-        return lib
-
-
-@attrs.define(eq=False)
-class _Job:
-    stream: EspeakStream
-    text: str
-    resampler: StreamResampler | None = None
-
-
-@attrs.frozen(eq=False)
-class _End:
-    stream: EspeakStream
-
-
-@attrs.frozen(eq=False)
-class _Stop:
-    pass
-
-
-@attrs.define(eq=False)
-class _Worker:
-    queue: queue.Queue[_Job | _End | _Stop] = attrs.Factory(queue.Queue)
-    started: Future[int] = attrs.Factory(Future)
-    exited: Future[None] = attrs.Factory(Future)
-    thread: threading.Thread | None = None
 
 
 class EspeakStream:
     """One utterance on an EspeakEngine; created by ``EspeakEngine.open_stream``."""
 
-    def __init__(self, engine: EspeakEngine, voice: VoiceSpec, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, engine: EspeakEngine, pool: WorkerPool, voice: VoiceSpec) -> None:
         self._engine = engine
-        self._token = token
+        self._pool = pool
         self.voice_name = _espeak_voice_name(voice)
         self.wpm = min(MAX_WPM, max(MIN_WPM, round(voice.speaking_rate * DEFAULT_WPM)))
-        # Written by Trio or close(), read by the engine thread; a bool store is atomic under the GIL.
         self.cancelled = False
         self.failed = False
         self._input_ended = False
+        self._sentences: deque[str] = deque()
+        self.job: Job | None = None  # queued or running: at most one
+        self.first_audio_at: float | None = None
+        self.audio_seconds = 0.0
         self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
 
     async def send_text(self, text: str) -> None:
         await trio.lowlevel.checkpoint()
         if self._input_ended or self.cancelled:
             raise trio.ClosedResourceError("stream input already ended")
-        for sentence in split_sentences(text):
-            self._engine._submit(_Job(self, sentence))
+        self._sentences.extend(split_sentences(text))
+        self._pool.offer(self)
 
     async def end_input(self) -> None:
         await trio.lowlevel.checkpoint()
         if not self._input_ended and not self.cancelled:
             self._input_ended = True
-            self._engine._submit(_End(self))
+            self._maybe_finish()
 
     async def audio(self) -> AsyncGenerator[bytes, None]:
         """Yields the stream's chunks; raises VoiceError at the end if synthesis broke off."""
@@ -193,38 +86,49 @@ class EspeakStream:
         if self.failed:
             raise VoiceError("espeak-ng synthesis failed", kind="synth")
 
-    # --- called from the engine thread ---
+    def next_job(self, job_id: int) -> Job | None:
+        if self.job is not None or self.cancelled or not self._sentences:
+            return None
+        now = time.monotonic()
+        deadline = now if self.first_audio_at is None else self.first_audio_at + self.audio_seconds
+        self.job = Job(job_id, self, self._sentences.popleft(), deadline)
+        return self.job
 
-    def _deliver(self, chunk: bytes) -> None:
-        self._call_in_trio(self._put, chunk)
-
-    def _finish(self) -> None:
-        self._call_in_trio(self._send.close)
-
-    def _call_in_trio(self, fn: Callable[..., object], *args: Any) -> None:
-        try:
-            self._token.run_sync_soon(fn, *args)
-        except trio.RunFinishedError:
-            self.cancelled = True  # nobody is listening any more: skip this stream's remaining jobs
-
-    def _put(self, chunk: bytes) -> None:
-        # Runs in Trio after the stream may have been left; an exception here would crash the Trio run.
+    def deliver(self, chunk: bytes) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = time.monotonic()
+        self.audio_seconds += len(chunk) / 8000
         try:
             self._send.send_nowait(chunk)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
-    # --- called from Trio ---
+    def job_done(self) -> None:
+        self.job = None
+        self._maybe_finish()
 
-    def _close(self) -> None:
+    def fail(self) -> None:
+        # End the stream now so audio() raises instead of waiting for the rest; a stream already
+        # ended (left, or the engine closing) ends cleanly.
+        if not self.cancelled:
+            self.failed = True
+            self.end()
+
+    def end(self) -> None:
+        """No more audio (failed, or the engine closing); the reader drains what came and stops."""
         self.cancelled = True
+        self._engine.jobs_cancelled += len(self._sentences)
+        self._sentences.clear()
         self._send.close()
+
+    def _maybe_finish(self) -> None:
+        if self._input_ended and self.job is None and not self._sentences:
+            self._send.close()
+
+    def close(self) -> None:
+        self.end()
         self._receive.close()
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentence-sized jobs keep the first audio early and let a cancelled stream skip the rest cheaply."""
-    return [s for s in _SENTENCE_END.split(text.replace("\x00", " ").strip()) if s]
+        self._pool.cancel(self)
 
 
 def _espeak_voice_name(voice: VoiceSpec) -> str:
@@ -234,7 +138,7 @@ def _espeak_voice_name(voice: VoiceSpec) -> str:
 
 
 class EspeakEngine:
-    """The VoiceEngine for espeak-ng. Start is lazy; call ``aclose()`` (or ``close()``) on shutdown."""
+    """The VoiceEngine for espeak-ng. Workers start lazily (or at ``warm()``); ``aclose()`` on shutdown."""
 
     name = "espeak"
 
@@ -244,16 +148,21 @@ class EspeakEngine:
         data_path: str | None = None,
         *,
         buflength_ms: int = 200,
+        workers: int | None = None,
+        worker_command: Sequence[str] | None = None,
     ) -> None:
         self._library_path = library_path
         self._data_path = data_path
         self.buflength_ms = buflength_ms
-        self._state_lock = threading.Lock()
-        self._worker: _Worker | None = None
+        self.workers = workers or default_workers()
+        if self.workers < 1:
+            raise ValueError(f"ESPEAK_WORKERS must be at least 1, got {workers}")
+        # Tests swap the program (a worker with a fault injected); the arguments are always ours.
+        self._worker_command = list(worker_command or [sys.executable, "-m", wire.__name__])
+        self._pool: WorkerPool | None = None
+        self._nursery: trio.Nursery | None = None
         self._streams: set[EspeakStream] = set()
-        self._jobs_running = 0
-        self._jobs_cancelled = 0
-        self._resolved_voices: dict[str, str] = {}
+        self.jobs_cancelled = 0
 
     @property
     def open_streams(self) -> int:
@@ -261,95 +170,34 @@ class EspeakEngine:
 
     @property
     def jobs_running(self) -> int:
-        return self._jobs_running
+        """Jobs handed to a worker and not yet reported done."""
+        return 0 if self._pool is None else self._pool.running
 
     @property
-    def jobs_cancelled(self) -> int:
-        return self._jobs_cancelled
+    def worker_pids(self) -> list[int]:
+        return [] if self._pool is None else [w.pid for w in self._pool.workers if w.ready]
+
+    async def warm(self) -> None:
+        """Start the workers at daemon start-up, so the first call does not wait for them."""
+        await self.start()
 
     async def start(self) -> None:
-        """Start the engine thread if needed and wait until the library is ready; raises VoiceError."""
-        with self._state_lock:
-            worker = self._worker
-            if worker is None or (worker.started.done() and worker.started.exception() is not None):
-                worker = self._worker = _Worker()
-                worker.thread = threading.Thread(target=self._run, args=(worker,), name="espeak", daemon=True)
-                worker.thread.start()
-        try:
-            await wait_future(worker.started)
-        except VoiceError as exc:
-            raise VoiceError(str(exc), kind=exc.kind) from None
+        """Start the worker pool if needed and wait until a worker is ready; raises VoiceError."""
+        pool = self._pool
+        if pool is None or pool.finished.is_set() or pool.token is not trio.lowlevel.current_trio_token():
+            pool = self._pool = WorkerPool(self, self._argv(), self.workers)
+            if self._nursery is not None:
+                self._nursery.start_soon(pool.run, name="espeak-pool")
+            else:
+                trio.lowlevel.spawn_system_task(pool.run, name="espeak-pool")
+        with trio.move_on_after(START_TIMEOUT + 1):
+            await pool.started.wait()
+        if not pool.started.is_set():
+            raise VoiceError(f"no espeak worker ready within {START_TIMEOUT + 1:g} s", kind="init")
+        if not any(w.ready for w in pool.workers) and pool.error is not None:
+            raise VoiceError(str(pool.error), kind=pool.error.kind)
 
-    @asynccontextmanager
-    async def open_stream(self, voice: VoiceSpec) -> AsyncIterator[EspeakStream]:
-        await self.start()
-        stream = EspeakStream(self, voice, trio.lowlevel.current_trio_token())
-        with self._state_lock:
-            self._streams.add(stream)
-        try:
-            yield stream
-        finally:
-            # Nothing here may block: the engine thread notices the flag at its next callback or job.
-            stream._close()
-            with self._state_lock:
-                self._streams.discard(stream)
-
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the engine thread from any thread, waiting up to ``timeout`` seconds for it."""
-        worker = self._shutdown()
-        if worker is not None and worker.thread is not None:
-            worker.thread.join(timeout)
-
-    async def aclose(self) -> None:
-        worker = self._shutdown()
-        if worker is None:
-            await trio.lowlevel.checkpoint()
-            return
-        await wait_future(worker.exited)
-
-    def _shutdown(self) -> _Worker | None:
-        with self._state_lock:
-            worker, self._worker = self._worker, None
-            streams = list(self._streams)
-        for stream in streams:
-            stream.cancelled = True
-            stream._finish()
-        if worker is not None:
-            worker.queue.put_nowait(_Stop())
-        return worker
-
-    def _submit(self, item: _Job | _End) -> None:
-        worker = self._worker
-        if worker is None:
-            raise VoiceError("espeak engine is closed", kind="closed")
-        worker.queue.put_nowait(item)
-
-    # --- engine thread ---
-
-    def _run(self, worker: _Worker) -> None:
-        try:
-            try:
-                lib = self._init_library()
-            except BaseException as exc:  # start() waits on this future: it must always be answered
-                err = exc if isinstance(exc, VoiceError) else VoiceError(f"espeak init: {exc!r}", kind="init")
-                worker.started.set_exception(err)
-                return
-            worker.started.set_result(lib.sample_rate)
-            while True:
-                item = worker.queue.get()
-                if isinstance(item, _Stop):
-                    break
-                if item.stream.cancelled:
-                    if isinstance(item, _Job):
-                        self._jobs_cancelled += 1
-                elif isinstance(item, _End):
-                    item.stream._finish()
-                else:
-                    self._synthesize(lib, item)
-        finally:
-            worker.exited.set_result(None)
-
-    def _init_library(self) -> _Library:
+    def _argv(self) -> list[str]:
         if self._library_path is None or self._data_path is None:
             try:
                 import espeakng_loader
@@ -357,57 +205,55 @@ class EspeakEngine:
                 raise VoiceError("espeakng-loader is not installed", kind="init") from exc
             self._library_path = self._library_path or str(espeakng_loader.get_library_path())
             self._data_path = self._data_path or str(espeakng_loader.get_data_path())
-        lib = _library(self._library_path)
-        with _LOCK:
-            lib.ensure_initialized(self._data_path, self.buflength_ms)
-        return lib
+        return [
+            *self._worker_command,
+            f"--library={self._library_path}",
+            f"--data={self._data_path}",
+            f"--buflength-ms={self.buflength_ms}",
+        ]
 
-    def _synthesize(self, lib: _Library, job: _Job) -> None:
-        assert self._data_path is not None
-        stream = job.stream
-        text = job.text.encode("utf-8")
-        self._jobs_running = 1
+    @asynccontextmanager
+    async def open_stream(self, voice: VoiceSpec) -> AsyncIterator[EspeakStream]:
+        await self.start()
+        assert self._pool is not None
+        stream = EspeakStream(self, self._pool, voice)
+        self._streams.add(stream)
         try:
-            with _LOCK:
-                rate = lib.ensure_initialized(self._data_path, self.buflength_ms)
-                self._select_voice(lib, stream.voice_name)
-                lib.lib.espeak_SetParameter(ESPEAK_RATE, stream.wpm, 0)
-                job.resampler = StreamResampler(rate)
-                lib.active = job
-                try:
-                    flags = ESPEAK_CHARS_UTF8 | ESPEAK_ENDPAUSE
-                    rc = lib.lib.espeak_Synth(text, len(text) + 1, 0, POS_CHARACTER, 0, flags, None, None)
-                finally:
-                    lib.active = None
-            if rc != 0 and not stream.cancelled:
-                log.error("espeak_Synth returned %d", rc)
-                stream.failed = True
-            if stream.cancelled and not stream.failed:
-                self._jobs_cancelled += 1
-            elif not stream.failed:
-                tail = job.resampler.process(np.zeros(0, dtype=np.int16), last=True)
-                if tail.size:
-                    stream._deliver(ulaw_encode(tail))
-        except Exception:
-            log.exception("espeak job failed")
-            stream.failed = True
+            yield stream
         finally:
-            self._jobs_running = 0
-        if stream.failed:
-            # End the stream now so audio() raises instead of waiting for an end marker.
-            stream.cancelled = True
-            stream._finish()
+            stream.close()  # never blocks: a CANCEL is posted, the worker stops at its next buffer
+            self._streams.discard(stream)
 
-    def _select_voice(self, lib: _Library, requested: str) -> None:
-        resolved = self._resolved_voices.get(requested)
-        if resolved is not None and lib.set_voice(resolved):
+    async def aclose(self) -> None:
+        """End every open stream, stop the workers and wait (bounded) until their processes are gone."""
+        pool, self._pool = self._pool, None
+        for stream in list(self._streams):
+            stream.end()
+        if pool is None:
+            await trio.lowlevel.checkpoint()
             return
-        base, plus, variant = requested.partition("+")
-        candidates = [requested, base.split("-")[0] + plus + variant, "en" + plus + variant, "en"]
-        for name in dict.fromkeys(candidates):
-            if lib.set_voice(name):
-                if name != requested:
-                    log.warning("espeak voice %r not found; using %r", requested, name)
-                self._resolved_voices[requested] = name
-                return
-        raise VoiceError(f"no espeak voice for {requested!r}", kind="voice")
+        pool.stop()
+        with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_TIMEOUT):
+            await pool.finished.wait()
+
+
+@asynccontextmanager
+async def open_espeak_engine(
+    library_path: str | None = None,
+    data_path: str | None = None,
+    *,
+    buflength_ms: int = 200,
+    workers: int | None = None,
+    worker_command: Sequence[str] | None = None,
+) -> AsyncIterator[EspeakEngine]:
+    """An EspeakEngine whose workers run in this block's nursery and are gone when it is left."""
+    engine = EspeakEngine(
+        library_path, data_path, buflength_ms=buflength_ms, workers=workers, worker_command=worker_command
+    )
+    async with trio.open_nursery() as nursery:
+        engine._nursery = nursery
+        try:
+            yield engine
+        finally:
+            engine._nursery = None
+            await engine.aclose()
