@@ -221,6 +221,12 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             )
 
             async def speak(i: int, cid: str) -> None:
+                # Bounded as a whole (creation and commands too): a daemon that cannot keep up is
+                # reported as such, not waited for.
+                with trio.move_on_at(speak_deadline):
+                    await speak_unbounded(i, cid)
+
+            async def speak_unbounded(i: int, cid: str) -> None:
                 rec = sessions[cid]
                 offset = ramp * i / n
                 await trio.sleep_until(trio_start + offset)
@@ -244,10 +250,8 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                         await timed(cid, SayAdd(text))
                     rec["new_added"] = time.monotonic()
                 await timed(cid, SayFinish())
-                # Bounded: a daemon that cannot keep up is reported as such, not waited for.
-                with trio.move_on_at(speak_deadline):
-                    await sink.finished.setdefault(cid, trio.Event()).wait()
-                    rec["finished"] = time.monotonic()
+                await sink.finished.setdefault(cid, trio.Event()).wait()
+                rec["finished"] = time.monotonic()
 
             async def steady_marks() -> None:
                 # CPU and RSS while every session speaks: from 1 s after the last one started to 1 s

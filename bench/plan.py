@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
         "speed-inf,sweep,amqp)",
     )
     p.add_argument("--quick", action="store_true", help="a short smoke run with tiny N")
+    p.add_argument(
+        "--no-wait", action="store_true", help="start each scenario at once, not after the machine went quiet"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time only")
     p.add_argument(
         "--attempts",

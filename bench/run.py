@@ -132,7 +132,7 @@ def run_with_attempts(
     args: argparse.Namespace, i: int, sc: Scenario, raw: Path, started: float, errors: list[str]
 ) -> list[Row]:
     """One scenario, run again (up to --attempts) while other processes disturb it; the calmest run."""
-    if not args.quick:
+    if not args.quick and not args.no_wait:
         busy = wait_quiet(0.0)
         if busy >= OTHER_LOAD_LIMIT:
             print(f"    the machine stayed busy ({busy:.0f}% of a core) for 90 s; going on", flush=True)
@@ -169,7 +169,8 @@ def run_with_attempts(
         if not other > OTHER_LOAD_LIMIT or attempt == args.attempts:
             break
         print(f"    other processes used {other:.0f}% of a core: disturbed, running it again", flush=True)
-        wait_quiet(2.0)
+        if not args.no_wait:
+            wait_quiet(2.0)
     return best
 
 

@@ -147,7 +147,7 @@ def evaluate(rows: list[Row], key: tuple[int, int, str]) -> list[tuple[str, str,
     mine = [
         (sc, r) for sc, r in rows if sc.config_key == key and sc.mode == "absolute" and sc.receiver == "light"
     ]
-    pacing = {sc.sessions: (sc, r) for sc, r in mine if sc.kind == "pacing"}
+    pacing = {sc.sessions: (sc, r) for sc, r in mine if sc.kind == "pacing" and not sc.inbound}
     out: list[tuple[str, str, str]] = []
 
     def verdict(ok: bool) -> str:
