@@ -227,6 +227,7 @@ def analyze(
     res["caller_frames_daemon"] = sum(s.get("sender", {}).get("caller_frames", 0) for s in sess.values())
     res["caller_frames_sent"] = int(meta.get("caller_frames_sent", 0))
     res["caller_frames_dropped"] = int(meta.get("caller_frames_dropped", 0))
+    res["caller_frames_skipped"] = int(meta.get("caller_frames_skipped", 0))
     res["caller_send_lag_max_ms"] = float(meta.get("caller_send_lag_max", 0.0)) * 1e3
     res["connect_failures"] = len(drv["connect_failures"])
     res["unfinished_sessions"] = sum(1 for s in sess.values() if "speak" in s and "finished" not in s)

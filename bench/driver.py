@@ -186,10 +186,14 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             await warm(engine)  # as serve warms every engine before taking calls
             if not burst:
                 out["connect_start"] = time.monotonic()
-                async with trio.open_nursery() as nursery:
-                    for i, cid in enumerate(call_ids):
-                        nursery.start_soon(connect, i, cid)
+                with trio.move_on_after(float(cfg.get("connect_seconds", 60.0))):
+                    async with trio.open_nursery() as nursery:
+                        for i, cid in enumerate(call_ids):
+                            nursery.start_soon(connect, i, cid)
                 out["connect_end"] = time.monotonic()
+                for cid in call_ids:
+                    if "connect" not in sessions[cid] and cid not in {c for c, _ in out["connect_failures"]}:
+                        out["connect_failures"].append((cid, "not connected in time"))
                 await trio.sleep(float(cfg["idle_seconds"]))
                 gc.collect()
                 out["idle"] = mark()
@@ -329,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     result = trio.run(bounded)
     Path(cfg["out"]).write_text(json.dumps(result))
     print(f"DONE {len(result['sessions'])} sessions, {len(result['connect_failures'])} failed to connect")
-    return 0 if not result["connect_failures"] else 3
+    # Sessions that failed to connect are in the result (bench/targets.py's integrity check reports
+    # them): a daemon that cannot keep up still gets its row.
+    return 0
 
 
 if __name__ == "__main__":

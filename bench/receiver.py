@@ -48,6 +48,7 @@ from bench.recording import (
 
 CALLER_FRAME = server_frame(0x2, b"\xff" * 160)
 CALLER_PERIOD = 0.020
+SEND_BATCH = 500  # caller-frame writes between two polls
 PENDING_LIMIT = 65536  # bytes waiting for a client that does not read; caller frames beyond are dropped
 _HEAD, _EXT, _BODY = 0, 1, 2
 
@@ -101,6 +102,7 @@ class Receiver:
         self.caller_frames_sent = 0
         self.caller_frames_dropped = 0  # the client did not read: PENDING_LIMIT reached
         self.caller_send_lag_max = 0.0  # how late this process sent a caller frame, worst case
+        self.caller_frames_skipped = 0  # this process fell a period or more behind: not sent
         self.ep = select.epoll()
         self.handshakes = 0
         self.rejected = 0
@@ -213,20 +215,28 @@ class Receiver:
             heapq.heappush(self.due, (start, self._sequence, conn))
 
     def _send_caller_frames(self, now: float) -> None:
-        """Every connection whose next caller frame is due gets it, each in a write of its own."""
+        """Every connection whose next caller frame is due gets it, each in a write of its own.
+
+        At most SEND_BATCH writes per call, so reads (and STOP) are served between batches. A frame this
+        process could not send within its period is skipped, not sent late in a burst: the next one keeps
+        the connection's phase (``caller_frames_skipped`` says the receiver fell behind)."""
         due = self.due
-        while due and due[0][0] <= now:
+        for _ in range(SEND_BATCH):
+            if not due or due[0][0] > now:
+                return
             at, sequence, conn = heapq.heappop(due)
             if self.conns.get(conn.fd) is not conn:
                 continue  # closed since
-            self.caller_send_lag_max = max(self.caller_send_lag_max, now - at)
+            lag = now - at
+            self.caller_send_lag_max = max(self.caller_send_lag_max, lag)
             if len(conn.pending) > PENDING_LIMIT:
                 self.caller_frames_dropped += 1
             else:
                 self.caller_frames_sent += 1
                 self._send(conn, CALLER_FRAME)
-            # Absolute slots: a late send does not shift the connection's later frames.
-            heapq.heappush(due, (at + CALLER_PERIOD, sequence, conn))
+            behind = int(lag // CALLER_PERIOD)  # whole periods missed
+            self.caller_frames_skipped += behind
+            heapq.heappush(due, (at + (behind + 1) * CALLER_PERIOD, sequence, conn))
 
     def _send(self, conn: Conn, data: bytes) -> None:
         if conn.pending:  # keep the byte order: behind what is already waiting
@@ -395,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             "caller_frames_sent": receiver.caller_frames_sent,
             "caller_frames_dropped": receiver.caller_frames_dropped,
             "caller_send_lag_max": receiver.caller_send_lag_max,
+            "caller_frames_skipped": receiver.caller_frames_skipped,
         },
     )
     print(f"DONE {recorder.count} messages from {receiver.handshakes} connections ({how})", flush=True)

@@ -94,6 +94,8 @@ def main_table(rows: list[Row]) -> str:
         caller = f"{r.get('caller_frames_sent', 0):,} / {r.get('caller_frames_daemon', 0):,}"
         if r.get("caller_frames_dropped"):
             caller += f" ({r['caller_frames_dropped']:,} dropped: the daemon did not read)"
+        if r.get("caller_frames_skipped"):
+            caller += f" ({r['caller_frames_skipped']:,} skipped: the receiver fell behind)"
         body.append(
             [
                 sc.label + (" (machine busy)" if busy else ""),

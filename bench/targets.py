@@ -233,6 +233,11 @@ def integrity(rows: list[Row]) -> list[str]:
             problems.append(f"{tag}: receiver saw {r['connected']} connections")
         if r["frames_received"] != r["frames_sent"]:
             problems.append(f"{tag}: sent {r['frames_sent']} frames, received {r['frames_received']}")
+        skipped = r.get("caller_frames_skipped", 0)
+        if skipped > 0.01 * max(1, r.get("caller_frames_sent", 0)):
+            problems.append(
+                f"{tag}: the receiver fell behind and skipped {skipped} caller frames (inbound < 50/s)"
+            )
         if r["receiver_faults"]:
             problems.append(f"{tag}: {r['receiver_faults']} protocol faults seen by the receiver")
     return problems
