@@ -301,6 +301,7 @@ def _commands(
     sent = np.array([c[0] for c in drv.get("commands", [])])
     took = np.array([c[1] for c in drv.get("commands", [])]) * 1e3
     out = {"n": len(took), "p50": pct(took, 50), "p99": pct(took, 99)}
+    out["errors"] = len(drv.get("command_errors", []))  # answered with an error (e.g. not in time)
     out["max"] = float(took.max()) if len(took) else math.nan
     if steady0 and steady1:
         inside = (sent >= steady0["t"]) & (sent <= steady1["t"]) if len(sent) else np.array([], dtype=bool)

@@ -36,7 +36,7 @@ from bench.procs import SERVE_GC
 from bench.recording import cpu_seconds, machine_jiffies, raise_fd_limit, rss_bytes
 from bench.voices import CALL, TimedEngine, build_engine, seconds_of_audio_per_char, texts_for
 from tts_streamer.actors import events as ev
-from tts_streamer.actors.commands import Command, SayAdd, SayFinish, SayFlush, SayInit
+from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import websocket_dialer
@@ -138,6 +138,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "sessions": {},
         "connect_failures": [],
         "commands": [],  # (sent, seconds to the reply) of every command while speaking
+        "command_errors": [],  # (call id, command, error kind) of those answered with an error
     }
     if flush and set(out["fill_old"]) & set(out["fill_new"]):
         raise SystemExit("old and new texts have the same fill byte")
@@ -179,9 +180,19 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
             async def timed(cid: str, command: Command) -> object:
                 sent = time.monotonic()
-                result = await supervisor.call(cid, command)
+                try:
+                    result = await supervisor.call(cid, command)
+                except CommandError as exc:  # e.g. not answered in time: counted, and the caller goes on
+                    out["command_errors"].append((cid, type(command).__name__, exc.kind))
+                    result = None
                 out["commands"].append((sent, time.monotonic() - sent))
                 return result
+
+            def note_unconnected() -> None:
+                failed = {c for c, _ in out["connect_failures"]}
+                for cid in call_ids:
+                    if "connect" not in sessions[cid] and cid not in failed:
+                        out["connect_failures"].append((cid, "not connected in time"))
 
             await warm(engine)  # as serve warms every engine before taking calls
             if not burst:
@@ -191,9 +202,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                         for i, cid in enumerate(call_ids):
                             nursery.start_soon(connect, i, cid)
                 out["connect_end"] = time.monotonic()
-                for cid in call_ids:
-                    if "connect" not in sessions[cid] and cid not in {c for c, _ in out["connect_failures"]}:
-                        out["connect_failures"].append((cid, "not connected in time"))
+                note_unconnected()
                 await trio.sleep(float(cfg["idle_seconds"]))
                 gc.collect()
                 out["idle"] = mark()
@@ -278,6 +287,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 for i, cid in enumerate(speakers):
                     nursery.start_soon(speak, i, cid)
             if burst:
+                note_unconnected()
                 out["connect_end"] = max(
                     (s["connect"][1] for s in sessions.values() if "connect" in s), default=out["speak_start"]
                 )

@@ -91,6 +91,8 @@ def main_table(rows: list[Row]) -> str:
         commands = "-"
         if cmd["n"]:
             commands = f"{_f(cmd['p50'])} / {_f(cmd['p99'])} / {_f(cmd['max'], 1)} ({cmd['n']:,})"
+            if cmd.get("errors"):
+                commands += f"; {cmd['errors']:,} answered with an error"
         caller = f"{r.get('caller_frames_sent', 0):,} / {r.get('caller_frames_daemon', 0):,}"
         if r.get("caller_frames_dropped"):
             caller += f" ({r['caller_frames_dropped']:,} dropped: the daemon did not read)"

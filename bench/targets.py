@@ -30,6 +30,16 @@ def _shipped(rows: list[Row], kind: str, n: int, **fields: Any) -> Row | None:
     return None
 
 
+def _short(r: dict[str, Any]) -> str:
+    """Sessions that never connected or did not finish speaking by the deadline, as a detail ("" if none)."""
+    parts = []
+    if r.get("connect_failures"):
+        parts.append(f"{r['connect_failures']} sessions not connected")
+    if r.get("unfinished_sessions"):
+        parts.append(f"{r['unfinished_sessions']} sessions unfinished at the deadline")
+    return "".join(f", {part}" for part in parts)
+
+
 def _load_detail(sc: Scenario, r: dict[str, Any]) -> str:
     other = r.get("other_cpu_pct", math.nan)
     return f"{sc.kind} N={sc.sessions} ({sc.config_text}); other processes {other:.0f}% of a core"
@@ -49,10 +59,8 @@ def issue16(rows: list[Row], amqp: dict[str, Any] | None, target_n: int = 1000) 
         sc, r = row
         cpu = r.get("daemon_cpu_pct", math.nan)
         late, under = r["late_for_playout_frames"], r["underrun_ticks"]
-        ok = late == 0 and under == 0 and cpu < 50.0 and not r.get("unfinished_sessions")
-        detail = f"{late} late frames, {under} underrun ticks, daemon CPU {cpu:.0f}%"
-        if r.get("unfinished_sessions"):
-            detail += f", {r['unfinished_sessions']} sessions unfinished"
+        ok = late == 0 and under == 0 and cpu < 50.0 and not _short(r)
+        detail = f"{late} late frames, {under} underrun ticks, daemon CPU {cpu:.0f}%{_short(r)}"
         out.append((name, _verdict(ok), f"{detail}; {_load_detail(sc, r)}"))
     else:
         out.append((name, "NOT MEASURED", f"no target row at N={target_n}"))
@@ -61,8 +69,8 @@ def issue16(rows: list[Row], amqp: dict[str, Any] | None, target_n: int = 1000) 
     row = _shipped(rows, "target", big)
     if row:
         sc, r = row
-        ok = r["underrun_ticks"] == 0 and not r.get("unfinished_sessions")
-        detail = f"{r['underrun_ticks']} underrun ticks ({r['sessions_with_underruns']} sessions)"
+        ok = r["underrun_ticks"] == 0 and not _short(r)
+        detail = f"{r['underrun_ticks']} underrun ticks ({r['sessions_with_underruns']} sessions){_short(r)}"
         out.append((name, _verdict(ok), f"{detail}; {_load_detail(sc, r)}"))
     else:
         out.append((name, "NOT MEASURED", f"no target row at N={big}"))
@@ -72,10 +80,13 @@ def issue16(rows: list[Row], amqp: dict[str, Any] | None, target_n: int = 1000) 
     if row:
         sc, r = row
         cmd = r["commands_ms"]
-        ok = r["underrun_ticks"] == 0 and cmd["p99"] < 10.0 and not r.get("unfinished_sessions")
+        errors = cmd.get("errors", 0)
+        ok = (
+            r["underrun_ticks"] == 0 and cmd["p99"] < 10.0 and not errors and not r.get("unfinished_sessions")
+        )
         detail = (
             f"{r['underrun_ticks']} underrun ticks, commands p99 {cmd['p99']:.2f} ms (max {cmd['max']:.1f} "
-            f"ms, {cmd['n']} commands)"
+            f"ms, {cmd['n']} commands, {errors} answered with an error)"
         )
         out.append((name, _verdict(ok), f"{detail}; {_load_detail(sc, r)}"))
     else:

@@ -26,6 +26,7 @@ def figures(**changes: Any) -> dict[str, Any]:
         "first_audio_ms": {"p50": 1.0, "p99": 3.0, "n": 1000},
         "commands_ms": {"n": 5000, "p50": 0.5, "p99": 4.0, "max": 9.0},
         "rss_idle_kib_per_session": 50.0,
+        "connect_failures": 0,
     }
     return base | changes
 
@@ -42,6 +43,9 @@ def test_a_clean_target_row_passes_and_one_underrun_fails() -> None:
     assert verdicts([(TARGET, figures(underrun_ticks=1))])[0] == "FAIL"
     assert verdicts([(TARGET, figures(late_for_playout_frames=3))])[0] == "FAIL"
     assert verdicts([(TARGET, figures(daemon_cpu_pct=55.0))])[0] == "FAIL"
+    # Fewer sessions than the target (not connected, or still speaking at the deadline) is no pass.
+    assert verdicts([(TARGET, figures(connect_failures=12))])[0] == "FAIL"
+    assert verdicts([(TARGET, figures(unfinished_sessions=3))])[0] == "FAIL"
     # First audio (vendor byte -> socket) is read from the same row.
     assert verdicts([(TARGET, figures(first_audio_ms={"p50": 1, "p99": 6.0, "n": 9}))])[3] == "FAIL"
 
