@@ -65,7 +65,7 @@ def issue16(rows: list[Row], amqp: dict[str, Any] | None, target_n: int = 1000) 
     else:
         out.append((name, "NOT MEASURED", f"no target row at N={target_n}"))
 
-    name = f"{big:,} sessions (created within {big / 200:g} s, inbound 50/s): 0 modelled underrun ticks"
+    name = f"{big:,} sessions (created within {big / 200:g} s): 0 modelled underrun ticks"
     row = _shipped(rows, "target", big)
     if row:
         sc, r = row
