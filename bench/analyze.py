@@ -12,7 +12,15 @@ Definitions (all times CLOCK_MONOTONIC, T = 20 ms, L = lead_frames):
   simulator does.
 - Frames/s achieved: frames arriving while every session is speaking (1 s after the last first
   message to 1 s before the first last message), over that window; ideal = 50 per session.
-- Flush: old audio is a message whose pattern byte is one of the flushed texts'. A violation is an old
+- Burst window: from the first session's start to 1 s after the last one started (all created and
+  speaking, for a burst), the lateness of the messages arriving in it and the late-for-playout frames and
+  modelled underrun ticks of the frames arriving in it.
+- Commands: the round trip of every command the driver sent while speaking (say_init, say_add,
+  say_flush, say_finish: ``Supervisor.call`` until the session's reply); "steady" counts those sent
+  inside the CPU window.
+- Caller frames: what the receiver sent (50/s per call with inbound audio) and the daemon counted.
+- Flush: FLUSH_MEDIA on the wire = its kernel arrival stamp minus the driver's say_flush time.
+  Old audio is a message whose pattern byte is one of the flushed texts'. A violation is an old
   message after the FLUSH_MEDIA text on the same connection (TCP keeps order, and Asterisk drops its
   queue on FLUSH_MEDIA, so only such a message could be heard). Old messages arriving after the
   driver's acknowledgement time are also counted, by kernel stamp and by receiver read time.
@@ -137,9 +145,12 @@ def analyze(
         f_start = np.searchsorted(f_seg, np.arange(len(seg_ids)))
         f_end = np.append(f_start[1:], len(f_seg)) - 1
         underruns = acc[f_end] - acc[f_start]
+        f_inc = np.diff(acc, prepend=acc[:1] if len(acc) else acc)
+        f_inc[f_start] = 0  # a segment's first frame starts its own count
     else:
         seg_ids = np.array([], dtype=np.int64)
         late = late_user = late_frames = underruns = np.array([])
+        f_arr = f_inc = np.array([])
         seg_start = seg_end = np.array([], dtype=np.int64)
         k_index = np.array([], dtype=np.int64)
 
@@ -169,6 +180,18 @@ def analyze(
     res["late_for_playout_frames"] = int(late_frames.sum()) if len(late_frames) else 0
     res["underrun_ticks"] = int(underruns.sum()) if len(underruns) else 0
     res["sessions_with_underruns"] = int((underruns > 0).sum()) if len(underruns) else 0
+    # While the sessions are created / start speaking (the burst), not only in the steady state.
+    b0 = float(drv["speak_start"])
+    b1 = b0 + float(cfg["speak_ramp"]) + 1.0
+    in_b = (k_arr >= b0) & (k_arr < b1) if len(late) else np.array([], dtype=bool)
+    f_in_b = (f_arr >= b0) & (f_arr < b1) if len(f_arr) else np.array([], dtype=bool)
+    res["burst"] = {
+        "seconds": b1 - b0,
+        "p99": pct(late[in_b], 99) * 1e3 if in_b.any() else math.nan,
+        "max": float(late[in_b].max()) * 1e3 if in_b.any() else math.nan,
+        "late_frames": int(late_frames[in_b].sum()) if in_b.any() else 0,
+        "underrun_ticks": int(f_inc[f_in_b].sum()) if f_in_b.any() else 0,
+    }
     if have_kernel:
         lag = user - kernel
         res["receiver_lag_ms"] = {"p99": pct(lag, 99) * 1e3, "max": float(lag.max()) * 1e3}
@@ -201,6 +224,11 @@ def analyze(
     res["sender_lateness_max_ms"] = (
         max((s.get("sender", {}).get("lateness_max", 0.0) for s in sess.values()), default=0.0) * 1e3
     )
+    res["caller_frames_daemon"] = sum(s.get("sender", {}).get("caller_frames", 0) for s in sess.values())
+    res["caller_frames_sent"] = int(meta.get("caller_frames_sent", 0))
+    res["caller_frames_dropped"] = int(meta.get("caller_frames_dropped", 0))
+    res["caller_frames_skipped"] = int(meta.get("caller_frames_skipped", 0))
+    res["caller_send_lag_max_ms"] = float(meta.get("caller_send_lag_max", 0.0)) * 1e3
     res["connect_failures"] = len(drv["connect_failures"])
     res["unfinished_sessions"] = sum(1 for s in sess.values() if "speak" in s and "finished" not in s)
     if not flush:
@@ -219,7 +247,11 @@ def analyze(
     res["first_audio_ms"] = {"p50": pct(fa, 50) * 1e3, "p99": pct(fa, 99) * 1e3, "n": len(fa)}
 
     if flush:
-        res.update(_flush(meta, drv, path_index, starts, arrival, user, first, frames, pos, flush_pos))
+        res.update(
+            _flush(
+                meta, drv, path_index, starts, arrival, user, first, frames, pos, flush_pos, flush_text_time
+            )
+        )
 
     # Daemon and receiver processes.
     steady0, steady1 = drv.get("steady_start"), drv.get("steady_end")
@@ -233,18 +265,23 @@ def analyze(
         res["rss_speaking_kib_per_session"] = (speaking_rss - base["rss"]) / 1024 / n_sessions
         res["receiver_cpu_pct"] = window_cpu([tuple(x) for x in meta["cpu"]], steady0["t"], steady1["t"])
         res["steady_seconds"] = steady1["t"] - steady0["t"]
+        if "vendor_cpu" in steady0:
+            spent = steady1["vendor_cpu"] - steady0["vendor_cpu"]
+            res["vendor_cpu_pct"] = 100.0 * spent / (steady1["t"] - steady0["t"])
         if "busy" in steady0 and steady1["total"] > steady0["total"]:
             cores = os.cpu_count() or 1
             machine = (
                 100.0 * cores * (steady1["busy"] - steady0["busy"]) / (steady1["total"] - steady0["total"])
             )
             res["machine_cpu_pct"] = machine
+    res["commands_ms"] = _commands(drv, steady0, steady1)
     gc_info = drv.get("gc_speaking")
     if gc_info:
         speaking = drv["speak_end"] - drv["speak_start"]
         res["gc_pct"] = 100.0 * sum(gc_info["seconds"]) / speaking if speaking > 0 else math.nan
         res["gc_longest_ms"] = gc_info["longest"] * 1e3
-    res["rss_idle_kib_per_session"] = (drv["idle"]["rss"] - base["rss"]) / 1024 / n_sessions
+    idle = drv.get("idle")  # a burst has no idle phase: its sessions speak as soon as they exist
+    res["rss_idle_kib_per_session"] = (idle["rss"] - base["rss"]) / 1024 / n_sessions if idle else math.nan
     res["rss_baseline_mib"] = base["rss"] / 2**20
     res["connect_seconds"] = drv["connect_end"] - drv["connect_start"]
     res["receiver_faults"] = len(meta["faults"])
@@ -258,6 +295,22 @@ def analyze(
     return res
 
 
+def _commands(
+    drv: dict[str, Any], steady0: dict[str, float] | None, steady1: dict[str, float] | None
+) -> dict[str, float]:
+    sent = np.array([c[0] for c in drv.get("commands", [])])
+    took = np.array([c[1] for c in drv.get("commands", [])]) * 1e3
+    out = {"n": len(took), "p50": pct(took, 50), "p99": pct(took, 99)}
+    out["errors"] = len(drv.get("command_errors", []))  # answered with an error (e.g. not in time)
+    out["max"] = float(took.max()) if len(took) else math.nan
+    if steady0 and steady1:
+        inside = (sent >= steady0["t"]) & (sent <= steady1["t"]) if len(sent) else np.array([], dtype=bool)
+        out["steady_n"] = int(inside.sum())
+        out["steady_p99"] = pct(took[inside], 99) if inside.any() else math.nan
+        out["steady_rate"] = float(inside.sum()) / max(1e-9, steady1["t"] - steady0["t"])
+    return out
+
+
 def _flush(
     meta: dict[str, Any],
     drv: dict[str, Any],
@@ -269,10 +322,11 @@ def _flush(
     frames: np.ndarray,
     pos: np.ndarray,
     flush_pos: np.ndarray,
+    flush_text_time: np.ndarray,
 ) -> dict[str, Any]:
     old_bytes = set(drv["fill_old"])
     new_bytes = set(drv["fill_new"])
-    ack_ms, next_ms, vendor_ms, added_ms = [], [], [], []
+    ack_ms, next_ms, vendor_ms, added_ms, wire_ms = [], [], [], [], []
     after_text = after_ack_kernel = after_ack_user = 0
     missing_flush = 0
     for cid, s in drv["sessions"].items():
@@ -285,6 +339,7 @@ def _flush(
         if flush_pos[c] == np.iinfo(np.int64).max:
             missing_flush += 1
             continue
+        wire_ms.append((flush_text_time[c] - s["flush_cmd"]) * 1e3)
         p = lo + flush_pos[c]
         is_old = np.isin(first[lo:hi], list(old_bytes))
         after = np.arange(lo, hi) >= p
@@ -299,11 +354,16 @@ def _flush(
             if len(times) >= 2:
                 vendor_ms.append((times[1] - ack) * 1e3)
                 added_ms.append((t_new - times[1]) * 1e3)
-    a, nx, v, ad = (np.array(x) for x in (ack_ms, next_ms, vendor_ms, added_ms))
+    a, nx, v, ad, w = (np.array(x) for x in (ack_ms, next_ms, vendor_ms, added_ms, wire_ms))
     return {
         "flushes": len(ack_ms),
         "flush_missing_text": missing_flush,
         "flush_ack_ms": {"p50": pct(a, 50), "p99": pct(a, 99), "max": float(a.max()) if len(a) else math.nan},
+        "flush_media_ms": {
+            "p50": pct(w, 50),
+            "p99": pct(w, 99),
+            "max": float(w.max()) if len(w) else math.nan,
+        },
         "old_frames_after_flush_text": after_text,
         "old_frames_after_ack_kernel": after_ack_kernel,
         "old_frames_after_ack_read": after_ack_user,

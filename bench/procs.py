@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from tts_streamer.actors.media_socket import PacingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_GC = "serve"  # Scenario.gc: tune_gc() at start-up, exactly as serve applies it
+CLOUD_ENGINES = ("gcp", "elevenlabs", "aws")  # each against its fake in bench.vendor_fakes
+VENDOR_DELAY = 0.02  # one way, between the daemon and the vendor fakes (bench.netem.DelayProxy)
 
 
 class ScenarioError(RuntimeError):
@@ -33,7 +36,7 @@ class ScenarioError(RuntimeError):
 
 @attrs.frozen
 class Scenario:
-    kind: str  # pacing | baseline | crosscheck | flush | speed-inf | sweep
+    kind: str  # pacing | baseline | crosscheck | flush | speed-inf | sweep | burst | target | voice
     sessions: int
     duration: float
     mode: str = "absolute"
@@ -53,9 +56,21 @@ class Scenario:
     # collector ("default" in results written before 2026-12-03); freeze | tuned | off: experiments
     # applied once the sessions are connected.
     gc: str = SERVE_GC
+    # The receiver sends each call 50 caller frames/s from MEDIA_START, as a softmix bridge does
+    # (chan_websocket.md §8); off: one caller frame, enough to signal "bridged".
+    inbound: bool = False
+    # Burst: each session is created and starts speaking at once, all within this many seconds
+    # (connections are not made first). None: connect all, idle, then speak spread over ``ramp``.
+    create_spread: float | None = None
+    engine: str = "synthetic"  # synthetic | espeak | gcp | elevenlabs | aws (bench/voices.py)
+    # Texts are said as playback goes, this many seconds ahead of it (a stream of say_adds, each one
+    # timed); None: every say_add at the start.
+    feed_ahead: float | None = None
 
     @property
     def ramp(self) -> float:
+        if self.create_spread is not None:
+            return self.create_spread
         return self.speak_ramp if self.speak_ramp is not None else max(1.0, self.sessions / 200)
 
     @property
@@ -78,6 +93,14 @@ class Scenario:
             text += " simulator"
         if self.gc != SERVE_GC:
             text += f" gc {self.gc}"
+        if self.engine != "synthetic":
+            text = text.replace(speed, self.engine)
+        if self.create_spread is not None:
+            text += f", created within {self.create_spread:g} s"
+        if self.feed_ahead is not None:
+            text += f", fed {self.feed_ahead:g} s ahead"
+        if self.inbound:
+            text += ", inbound 50/s"
         return text
 
     @property
@@ -85,6 +108,10 @@ class Scenario:
         if self.flush:
             return self.flush_after + self.flush_spread + 5.0 + self.new_seconds
         return self.duration
+
+    @property
+    def cloud(self) -> bool:
+        return self.engine in CLOUD_ENGINES
 
 
 # Niceness of the driver and receivers (bench/run.py --nice): on a machine shared with other work,
@@ -129,7 +156,10 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
     workdir.mkdir(parents=True, exist_ok=True)
     kinds = ["light", "sim"] if sc.receiver == "both" else [sc.receiver]
     drv_out = workdir / f"{tag}-driver.json"
-    budget = 30.0 + sc.sessions * 0.03 + sc.idle_seconds + sc.ramp + sc.speech_seconds * 1.25 + 30.0
+    # The driver bounds each phase (warm-up 30 s, connecting, speaking, stopping 10 s), so a daemon that
+    # cannot keep up still gives its figures; this budget only catches a harness that hangs.
+    connect_budget = 10.0 + sc.sessions * 0.03
+    budget = 30.0 + connect_budget + sc.idle_seconds + sc.ramp + sc.speech_seconds * 1.25 + 10.0 + 10.0 + 40.0
     messages = int(sc.sessions * (sc.speech_seconds + 5) * 50 / sc.frames_per_message * 1.1) + 1024
     cfg: dict[str, Any] = {
         "ports": [],
@@ -138,9 +168,9 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
         "speed": sc.speed,
         "lead_frames": sc.lead_frames,
         "frames_per_message": sc.frames_per_message,
-        # The simulator sends no caller audio, so it never signals "bridged": do not wait for it.
-        # The lightweight receiver sends one caller frame after MEDIA_START, as a bridged leg would.
-        "bridge_timeout": 0.0 if "sim" in kinds else 0.5,
+        # Without inbound audio the simulator sends no caller frame, so it never signals "bridged": do
+        # not wait for it. The lightweight receiver sends at least one after MEDIA_START.
+        "bridge_timeout": 0.0 if "sim" in kinds and not sc.inbound else 0.5,
         "mode": sc.mode,
         "flush": sc.flush,
         "flush_after": sc.flush_after,
@@ -150,6 +180,10 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
         "speak_ramp": sc.ramp,
         "connect_concurrency": sc.connect_concurrency,
         "gc": sc.gc,
+        "engine": sc.engine,
+        "create_spread": sc.create_spread,
+        "feed_ahead": sc.feed_ahead,
+        "connect_seconds": connect_budget,
         "max_seconds": budget,
         "out": str(drv_out),
     }
@@ -170,10 +204,18 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
             module = "bench.receiver" if kind == "light" else "bench.sim_receiver"
             args = ["-m", module, "--listen-fd", str(listener.fileno()), "--out", str(out)]
             args += ["--capacity", str(messages), "--max-seconds", str(budget + 30)]
+            if sc.inbound:
+                args.append("--inbound")
             proc = _spawn(args, logs[-1], stdin=subprocess.PIPE, pass_fds=[listener.fileno()])
             procs.append(proc)
             receivers.append((kind, proc, out, log_path))
             listener.close()
+        if sc.cloud:
+            far = workdir / f"{tag}-vendors"
+            logs.append((workdir / f"{tag}-vendors.log").open("wb"))
+            procs.append(_start_vendor_fakes(sc, far, logs[-1]))
+            cfg |= {"cert_dir": str(far), "vendor_ports": _vendor_ports(procs[-1], far)}
+            cfg["vendor_pid"] = procs[-1].pid
         cfg_path = workdir / f"{tag}-config.json"
         cfg_path.write_text(json.dumps(cfg))
         drv_log_path = workdir / f"{tag}-driver.log"
@@ -210,6 +252,36 @@ def run_scenario(sc: Scenario, workdir: Path, tag: str) -> tuple[dict[str, Path]
         for log in logs:
             log.close()
     return {kind: out for kind, _proc, out, _log in receivers}, json.loads(drv_out.read_text())
+
+
+def _start_vendor_fakes(sc: Scenario, folder: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """bench.vendor_fakes (the three fakes behind TLS proxies) in a process of its own, as a vendor is."""
+    from bench.netem import make_certificates
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_certificates(folder)
+    args = ["-m", "bench.vendor_fakes", str(folder), str(VENDOR_DELAY), "0.05", str(sc.sessions + 16)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _vendor_ports(proc: subprocess.Popen[bytes], folder: Path) -> dict[str, int]:
+    """The proxies' ports, from the first line bench.vendor_fakes prints (bounded wait)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30.0)
+    line = proc.stdout.readline() if ready else b""
+    if not line:
+        raise ScenarioError(f"bench.vendor_fakes did not start (see {folder}.log)")
+    return {name: int(port) for name, port in json.loads(line)["ports"].items()}
 
 
 def wait_quiet(settle: float = 1.0, limit_pct: float = 25.0, patience: float = 90.0) -> float:

@@ -3,7 +3,9 @@
 The Asterisk simulator costs about half a core per 100 calls, which on 2 cores would make it, not
 tts-streamer, the bottleneck at 500-1000 sessions. This receiver does only what the measurement needs:
 the WebSocket upgrade (offering back ``media``), plain-text MEDIA_START, one caller frame (so the
-session sees the leg as bridged, as in production), then per binary message its kernel arrival time
+session sees the leg as bridged, as in production) or, with ``--inbound``, 50 caller frames a second
+per connection from then on (as a softmix bridge sends them, chan_websocket.md §8; each connection on
+its own 20 ms phase, one frame per write), then per binary message its kernel arrival time
 (SO_TIMESTAMPNS), user-space read time, length and first byte into preallocated columns. Text commands
 (FLUSH_MEDIA, MARK_MEDIA...) are recorded with their position; PING gets a PONG; a close is echoed.
 
@@ -24,7 +26,9 @@ import argparse
 import base64
 import errno
 import hashlib
+import heapq
 import os
+import random
 import select
 import socket
 import sys
@@ -43,6 +47,9 @@ from bench.recording import (
 )
 
 CALLER_FRAME = server_frame(0x2, b"\xff" * 160)
+CALLER_PERIOD = 0.020
+SEND_BATCH = 500  # caller-frame writes between two polls
+PENDING_LIMIT = 65536  # bytes waiting for a client that does not read; caller frames beyond are dropped
 _HEAD, _EXT, _BODY = 0, 1, 2
 
 
@@ -58,6 +65,7 @@ class Conn:
         "length",
         "masked",
         "need",
+        "pending",
         "sock",
         "stage",
     )
@@ -75,14 +83,26 @@ class Conn:
         self.b0 = 0
         self.length = 0
         self.masked = 0
+        self.pending = bytearray()  # written when the socket has room again (EPOLLOUT)
 
 
 class Receiver:
-    def __init__(self, listener: socket.socket, recorder: Recorder, *, caller_frame: bool) -> None:
+    def __init__(
+        self, listener: socket.socket, recorder: Recorder, *, caller_frame: bool, inbound: bool = False
+    ) -> None:
         self.listener = listener
         self.rec = recorder
-        self.caller_frame = caller_frame
+        self.caller_frame = caller_frame or inbound
+        self.inbound = inbound
         self.conns: dict[int, Conn] = {}
+        # (due, sequence, connection) of the next caller frame of each connection (inbound only).
+        self.due: list[tuple[float, int, Conn]] = []
+        self._sequence = 0
+        self._rng = random.Random(4242)
+        self.caller_frames_sent = 0
+        self.caller_frames_dropped = 0  # the client did not read: PENDING_LIMIT reached
+        self.caller_send_lag_max = 0.0  # how late this process sent a caller frame, worst case
+        self.caller_frames_skipped = 0  # this process fell a period or more behind: not sent
         self.ep = select.epoll()
         self.handshakes = 0
         self.rejected = 0
@@ -99,17 +119,27 @@ class Receiver:
         monotonic = time.monotonic
         conns = self.conns
         lfd = listener.fileno()
+        due = self.due
         while True:
-            events = ep.poll(0.05)
+            timeout = 0.05
+            if due:
+                timeout = min(timeout, max(0.0, due[0][0] - monotonic()))
+            events = ep.poll(timeout)
             now = monotonic()
+            if due and due[0][0] <= now:
+                self._send_caller_frames(now)
             if now >= next_sample:
                 rec.sample_cpu()
                 next_sample = now + 0.25
             if now >= deadline:
                 return "max_seconds"
-            for fd, _mask in events:
+            for fd, mask in events:
                 conn = conns.get(fd)
                 if conn is not None:
+                    if mask & select.EPOLLOUT:
+                        self._flush_pending(conn)
+                    if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                        continue
                     if conn.index < 0:
                         self._handshake(conn)
                     else:
@@ -177,15 +207,64 @@ class Receiver:
         out = response + server_frame(0x1, media_start(connection_id, conn.index).encode())
         if self.caller_frame:
             out += CALLER_FRAME
+            self.caller_frames_sent += 1
         self._send(conn, out)
+        if self.inbound:
+            self._sequence += 1
+            start = time.monotonic() + self._rng.uniform(0.0, CALLER_PERIOD)
+            heapq.heappush(self.due, (start, self._sequence, conn))
+
+    def _send_caller_frames(self, now: float) -> None:
+        """Every connection whose next caller frame is due gets it, each in a write of its own.
+
+        At most SEND_BATCH writes per call, so reads (and STOP) are served between batches. A frame this
+        process could not send within its period is skipped, not sent late in a burst: the next one keeps
+        the connection's phase (``caller_frames_skipped`` says the receiver fell behind)."""
+        due = self.due
+        for _ in range(SEND_BATCH):
+            if not due or due[0][0] > now:
+                return
+            at, sequence, conn = heapq.heappop(due)
+            if self.conns.get(conn.fd) is not conn:
+                continue  # closed since
+            lag = now - at
+            self.caller_send_lag_max = max(self.caller_send_lag_max, lag)
+            if len(conn.pending) > PENDING_LIMIT:
+                self.caller_frames_dropped += 1
+            else:
+                self.caller_frames_sent += 1
+                self._send(conn, CALLER_FRAME)
+            behind = int(lag // CALLER_PERIOD)  # whole periods missed
+            self.caller_frames_skipped += behind
+            heapq.heappush(due, (at + (behind + 1) * CALLER_PERIOD, sequence, conn))
 
     def _send(self, conn: Conn, data: bytes) -> None:
+        if conn.pending:  # keep the byte order: behind what is already waiting
+            conn.pending += data
+            return
         try:
             sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
         except OSError:
-            sent = -1
-        if sent != len(data):
-            self.send_failures += 1  # only tiny control replies are sent; a full buffer is a fault
+            self.send_failures += 1
+            return
+        if sent < len(data):
+            conn.pending += data[sent:]
+            self.ep.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def _flush_pending(self, conn: Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.send_failures += 1
+            conn.pending.clear()
+            sent = 0
+        del conn.pending[:sent]
+        if not conn.pending:
+            self.ep.modify(conn.fd, select.EPOLLIN)
 
     def _drop(self, conn: Conn, code: int | None) -> None:
         if conn.index >= 0 and conn.index not in self.rec.closed:
@@ -301,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=100_000)
     parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--no-caller-frame", action="store_true")
+    parser.add_argument("--inbound", action="store_true", help="50 caller frames/s per connection")
     args = parser.parse_args(argv)
     raise_fd_limit()
     listener = socket.socket(fileno=args.listen_fd)
     recorder = Recorder(args.capacity)
-    receiver = Receiver(listener, recorder, caller_frame=not args.no_caller_frame)
+    receiver = Receiver(listener, recorder, caller_frame=not args.no_caller_frame, inbound=args.inbound)
     print("READY", flush=True)
     how = receiver.run(args.max_seconds)
     recorder.sample_cpu()
@@ -321,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             "rejected": receiver.rejected,
             "send_failures": receiver.send_failures,
             "caller_frame": not args.no_caller_frame,
+            "inbound": args.inbound,
+            "caller_frames_sent": receiver.caller_frames_sent,
+            "caller_frames_dropped": receiver.caller_frames_dropped,
+            "caller_send_lag_max": receiver.caller_send_lag_max,
+            "caller_frames_skipped": receiver.caller_frames_skipped,
         },
     )
     print(f"DONE {recorder.count} messages from {receiver.handshakes} connections ({how})", flush=True)

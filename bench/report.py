@@ -53,12 +53,16 @@ def main_table(rows: list[Row]) -> str:
         "steady-state p99 ms",
         "drift worst ms",
         "late-for-playout frames / modelled underrun ticks",
+        "while starting: lateness p99 / max ms; late frames / underrun ticks",
+        "commands p50 / p99 / max ms (n)",
+        "caller frames sent / read by the daemon",
         "first audio p50 / p99 ms",
         "daemon CPU %",
         "RSS KiB/session speaking / idle",
         "receiver CPU %",
         "other processes CPU %",
         "flush ack p50 / p99 ms",
+        "FLUSH_MEDIA on the wire p50 / p99 ms",
         "old frames after FLUSH_MEDIA / after ack",
         "ack -> next first frame p50 / p99 ms",
     ]
@@ -70,16 +74,30 @@ def main_table(rows: list[Row]) -> str:
             if r.get("unfinished_sessions"):
                 fps += f"; {r['unfinished_sessions']} sessions unfinished at the deadline"
         fa = r["first_audio_ms"]
-        flush_cols = ["-", "-", "-"]
+        flush_cols = ["-", "-", "-", "-"]
         if sc.flush:
             ack, nx = r["flush_ack_ms"], r["ack_to_next_first_frame_ms"]
+            wire = r.get("flush_media_ms", {"p50": math.nan, "p99": math.nan})
             flush_cols = [
                 f"{_f(ack['p50'])} / {_f(ack['p99'])}",
+                f"{_f(wire['p50'])} / {_f(wire['p99'])}",
                 f"{r['old_frames_after_flush_text']} / {r['old_frames_after_ack_kernel']}",
                 f"{_f(nx['p50'], 1)} / {_f(nx['p99'], 1)}",
             ]
         steady = r.get("steady_lateness_ms", {}).get("p99") if not sc.flush else None
         busy = r.get("other_cpu_pct", 0.0) > 25.0
+        burst = r.get("burst", {})
+        cmd = r.get("commands_ms", {"n": 0})
+        commands = "-"
+        if cmd["n"]:
+            commands = f"{_f(cmd['p50'])} / {_f(cmd['p99'])} / {_f(cmd['max'], 1)} ({cmd['n']:,})"
+            if cmd.get("errors"):
+                commands += f"; {cmd['errors']:,} answered with an error"
+        caller = f"{r.get('caller_frames_sent', 0):,} / {r.get('caller_frames_daemon', 0):,}"
+        if r.get("caller_frames_dropped"):
+            caller += f" ({r['caller_frames_dropped']:,} dropped: the daemon did not read)"
+        if r.get("caller_frames_skipped"):
+            caller += f" ({r['caller_frames_skipped']:,} skipped: the receiver fell behind)"
         body.append(
             [
                 sc.label + (" (machine busy)" if busy else ""),
@@ -90,6 +108,10 @@ def main_table(rows: list[Row]) -> str:
                 _f(steady),
                 _f(r["drift_ms"]["worst"]),
                 f"{r['late_for_playout_frames']} / {r['underrun_ticks']}",
+                f"{_f(burst.get('p99'))} / {_f(burst.get('max'))}; "
+                f"{burst.get('late_frames', 0)} / {burst.get('underrun_ticks', 0)}",
+                commands,
+                caller,
                 f"{_f(fa['p50'])} / {_f(fa['p99'])}",
                 _cpu(r, "daemon_cpu_pct"),
                 f"{_f(r.get('rss_speaking_kib_per_session'), 0)} / "

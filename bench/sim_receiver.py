@@ -1,14 +1,14 @@
 """The real Asterisk simulator as the receiver, for cross-checking the lightweight one at small N.
 
-Serves ``AsteriskSimulator(SimConfig(send_caller_audio=False, record_frames=False), accept_any=True)``
-on the inherited listening socket. Each accepted stream is wrapped in a ``TimingTap`` that reads with
+Serves ``AsteriskSimulator(SimConfig(send_caller_audio=False, record_frames=False), accept_any=True)`` on
+the inherited listening socket. Each accepted stream is wrapped in a ``TimingTap`` that reads with
 ``recvmsg`` (kernel arrival stamps, SO_TIMESTAMPNS) and parses the client's WebSocket frames into the
-same columns the lightweight receiver writes, so one analysis serves both. trio-websocket reads up to
-4 KiB at a time, so when the simulator lags, several messages share the stamp of the read that
-completed them (the lightweight receiver never reads past a frame). No caller audio is sent, so the
-driver sets ``bridge_timeout=0`` for these runs. At the end the simulator's own per-call counters
-(frames played, underruns from its 50 Hz playout clock, flushes) are saved too.
-"""
+same columns the lightweight receiver writes, so one analysis serves both. With ``--inbound`` the legs
+are ``SimConfig.softmix()`` (50 caller frames/s from 8 ms after the join, chan_websocket.md §8). trio-
+websocket reads up to 4 KiB at a time, so when the simulator lags, several messages share the stamp of
+the read that completed them (the lightweight receiver never reads past a frame). No caller audio is
+sent, so the driver sets ``bridge_timeout=0`` for these runs. At the end the simulator's own per-call
+counters (frames played, underruns from its 50 Hz playout clock, flushes) are saved too."""
 
 from __future__ import annotations
 
@@ -86,10 +86,10 @@ class TimingTap(trio.abc.Stream):
 
 
 async def serve(
-    listener: socket.socket, recorder: Recorder, max_seconds: float
+    listener: socket.socket, recorder: Recorder, max_seconds: float, inbound: bool = False
 ) -> tuple[str, AsteriskSimulator]:
     # Bridged at the connection: these runs send at once (bridge_timeout=0) and measure pacing only.
-    legs = SimConfig(send_caller_audio=False, bridge_delay=0.0, record_frames=False)
+    legs = SimConfig(send_caller_audio=inbound, bridge_delay=0.0, record_frames=False)
     sim = AsteriskSimulator(legs, accept_any=True, seed=7)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(listener))]
 
@@ -125,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--capacity", type=int, default=100_000)
     parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--inbound", action="store_true", help="softmix legs: 50 caller frames/s")
     args = parser.parse_args(argv)
     raise_fd_limit()
     listener = socket.socket(fileno=args.listen_fd)
     recorder = Recorder(args.capacity)
-    how, sim = trio.run(serve, listener, recorder, args.max_seconds)
+    how, sim = trio.run(serve, listener, recorder, args.max_seconds, args.inbound)
     recorder.sample_cpu()
     calls = {}
     for connection_id, call in sim.calls.items():

@@ -2,10 +2,11 @@
 ``DelayProxy`` (TLS + one-way delay). Keeping them out of the measured process keeps their threads off
 its GIL and its Trio loop, as a real vendor is.
 
-``python -m bench.vendor_fakes CERT_FOLDER DELAY FAKE_DELAY``: prints one JSON line with the proxies'
-ports, then answers one JSON line per line read on stdin: ``state`` (open vendor resources and proxy
-connection counts), ``fault <vendor> <kind> <after_bytes>``, ``clear``. EOF on stdin ends it.
-"""
+``python -m bench.vendor_fakes CERT_FOLDER DELAY FAKE_DELAY [STREAMS]``: STREAMS (default 32) bounds the
+Google fake's concurrent RPCs, one worker thread each (bench.run's voice rows hold one per call). Prints
+one JSON line with the proxies' ports, then answers one JSON line per line read on stdin: ``state`` (open
+vendor resources and proxy connection counts), ``fault <vendor> <kind> <after_bytes>``, ``clear``. EOF on
+stdin ends it."""
 
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ def _eleven_unreleased(fake: ElevenLabsFake) -> int:
     )
 
 
-async def serve(folder: Path, delay: float, fake_delay: float) -> None:
+async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32) -> None:
     certs = Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
     tls = certs.server_context()
     with (
-        GoogleTTSFake(first_audio_delay=fake_delay) as google,
+        GoogleTTSFake(first_audio_delay=fake_delay, max_workers=streams) as google,
         PollyFake(first_audio_delay=fake_delay) as polly,
     ):
         eleven = ElevenLabsFake(first_audio_delay=fake_delay)
@@ -94,7 +95,8 @@ async def serve(folder: Path, delay: float, fake_delay: float) -> None:
 
 
 def main() -> int:
-    trio.run(serve, Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]))
+    streams = int(sys.argv[4]) if len(sys.argv) > 4 else 32
+    trio.run(serve, Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), streams)
     return 0
 
 

@@ -35,24 +35,21 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
-import boto3
-import grpc
 import trio
 
 from bench.netem import Certificates, make_certificates
+from bench.voices import cloud_engine
 from tts_streamer.actors import events as ev
 from tts_streamer.actors.commands import SayAdd, SayFlush, SayInit
 from tts_streamer.actors.session import SessionConfig
 from tts_streamer.adapters.chan_websocket.client import websocket_dialer
-from tts_streamer.adapters.elevenlabs import ElevenLabsEngine
 from tts_streamer.adapters.engines import warm_engine
 from tts_streamer.adapters.fallback import FallbackEngine
-from tts_streamer.adapters.google_tts import CHANNEL_OPTIONS, GoogleTTSEngine
-from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.voice import VoiceEngine
 from tts_streamer.simulator.asterisk import AsteriskSimulator, SimCall, serve_asterisk_simulator
 from tts_streamer.supervisor.gc_tuning import tune_gc
@@ -63,6 +60,7 @@ FALLBACK_TEXT = "This is the fallback test, spoken by whichever vendor is up. It
 POLL = 0.0005
 FAR_POLL = 0.001  # asking the far side costs a pipe round trip
 ROOT = Path(__file__).resolve().parent.parent
+CLOUD = ("gcp", "elevenlabs", "aws")  # the order the rows are measured in
 WAIT = 10.0  # bound on every wait for audio, a flush or a release
 
 
@@ -326,26 +324,9 @@ async def _close(engine: VoiceEngine) -> None:
 
 
 def _rigs(certs: Certificates, far: FarSide) -> dict[str, Rig]:
-    ca = certs.ca_pem
-    session = boto3.Session(aws_access_key_id="A", aws_secret_access_key="x", region_name="us-east-1")
-
-    def gcp() -> VoiceEngine:
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-        target = f"localhost:{far.ports['gcp']}"
-        return GoogleTTSEngine(channel=grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS))
-
-    def aws() -> VoiceEngine:
-        url = f"https://localhost:{far.ports['aws']}"
-        return PollyEngine(make_client(session, endpoint_url=url, verify=str(certs.ca_file)))
-
-    def elevenlabs() -> VoiceEngine:
-        url = f"wss://localhost:{far.ports['elevenlabs']}"
-        return ElevenLabsEngine("test-key", base_url=url, ssl_context=certs.client_context())
-
+    # The ports are read when an engine is made: the far side reports them after it started.
     return {
-        "gcp": Rig("gcp", far, gcp),
-        "elevenlabs": Rig("elevenlabs", far, elevenlabs),
-        "aws": Rig("aws", far, aws),
+        name: Rig(name, far, partial(lambda n: cloud_engine(n, far.ports, certs), name)) for name in CLOUD
     }
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 from bench import driver, procs
-from bench import run as bench_run
+from bench import plan as bench_plan
+from bench import targets as bench_targets
 
 from tts_streamer import cli
 from tts_streamer.actors.media_socket import PacingConfig
@@ -25,7 +26,7 @@ def test_daemon_demo_and_bench_agree_on_the_shipped_pacing() -> None:
     daemon = DaemonConfig()
     from_env = DaemonConfig.from_env({})
     demo = cli.demo_options(cli._parser().parse_args(["demo"]))
-    bench_lead, bench_fpm, bench_gc = bench_run.SHIPPED
+    bench_lead, bench_fpm, bench_gc = bench_plan.SHIPPED
     for lead, fpm in [
         (daemon.lead_frames, daemon.frames_per_message),
         (from_env.lead_frames, from_env.frames_per_message),
@@ -45,12 +46,16 @@ def test_demo_flags_still_override() -> None:
 
 def test_bench_shipped_rows_run_as_serve_runs() -> None:
     """Every pacing/flush/baseline row labelled shipped carries F=5 and tune_gc() at driver start-up."""
-    args = bench_run.parse_args(["--quick"])
-    scenarios = bench_run.plan(args)
-    shipped = [sc for sc in scenarios if sc.kind in ("pacing", "flush", "baseline", "crosscheck")]
-    assert shipped and all(sc.config_key == bench_run.SHIPPED for sc in shipped)
-    assert "(shipped defaults)" in bench_run.config_name(bench_run.SHIPPED)
-    assert "(shipped defaults)" not in bench_run.config_name((3, 1, "stock"))
+    args = bench_plan.parse_args(["--quick"])
+    scenarios = bench_plan.plan(args)
+    shipped = [
+        sc
+        for sc in scenarios
+        if sc.kind in ("pacing", "flush", "baseline", "crosscheck", "target", "burst", "voice")
+    ]
+    assert shipped and all(sc.config_key == bench_plan.SHIPPED for sc in shipped)
+    assert "(shipped defaults)" in bench_targets.config_name(bench_plan.SHIPPED)
+    assert "(shipped defaults)" not in bench_targets.config_name((3, 1, "stock"))
 
 
 def test_bench_driver_applies_tune_gc_only_for_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
