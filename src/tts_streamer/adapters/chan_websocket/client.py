@@ -3,7 +3,9 @@
 ``open_media_connection`` dials the media URI offering the ``media`` subprotocol, waits (bounded) for
 MEDIA_START, then runs a reader task that always drains the socket (so pings are answered and Asterisk's
 writes never time out), tracks XOFF/XON and the bridge signal, and turns every transport failure into
-``MediaSocketError``. Leaving the context closes the socket normally (code 1000) under a shielded,
+``MediaSocketError``. A watchdog task per connection bounds every send (``MediaTimeouts.send``):
+a cancel scope around each send cost ~20 us per message, the watchdog one wake-up per timeout period.
+Leaving the context closes the socket normally (code 1000) under a shielded,
 bounded scope, which is what hangs up the external-media leg.
 """
 
@@ -99,6 +101,8 @@ class MediaConnection:
         self._resumed = trio.Event()
         self._resumed.set()
         self._mark_handlers: dict[str, Callable[[], None]] = {}
+        # Start times of the sends in progress, oldest first (trio-websocket's stream lock is FIFO).
+        self._sending_since: list[float] = []
 
     @property
     def paused(self) -> bool:
@@ -128,13 +132,32 @@ class MediaConnection:
         self.stats.commands_sent += 1
 
     async def _send(self, message: bytes | str) -> None:
+        started = trio.current_time()
+        self._sending_since.append(started)
         try:
-            with trio.fail_after(self._timeouts.send):
-                await self._ws.send_message(message)
-        except trio.TooSlowError:
-            raise MediaSocketError(f"send blocked for more than {self._timeouts.send} s") from None
+            await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from None
+        finally:
+            self._sending_since.remove(started)
+
+    async def serve_send_watchdog(self) -> None:
+        """Raise MediaSocketError once a send has been in progress for the send timeout.
+
+        Raised in the connection's nursery, it cancels the stalled send with everything else inside
+        the connection and leaves ``open_media_connection`` as that error, as a failed send would.
+        A send seen at one check is caught at exactly its deadline: checks are at most ``limit`` apart.
+        """
+        limit = self._timeouts.send
+        while True:
+            now = trio.current_time()
+            if not self._sending_since:
+                await trio.sleep_until(now + limit)
+                continue
+            deadline = self._sending_since[0] + limit
+            if now >= deadline:
+                raise MediaSocketError(f"send blocked for more than {limit} s")
+            await trio.sleep_until(deadline)
 
     async def serve_reader(self) -> None:
         """Drain the socket until it closes; raises MediaSocketClosed when the peer ends it."""
@@ -251,6 +274,9 @@ async def open_media_connection(
                 conn = MediaConnection(ws, media_start, timeouts)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.serve_reader, name=f"media-reader[{media_start.connection_id}]")
+                    nursery.start_soon(
+                        conn.serve_send_watchdog, name=f"media-watchdog[{media_start.connection_id}]"
+                    )
                     try:
                         yield conn
                     finally:
