@@ -3,8 +3,13 @@
 N MediaSockets in this process, each on its own real WebSocket (the production dialer) to the
 lightweight receiver in another process, each fed by a task that pushes 100 ms chunks into an
 AudioChannel (the vendor's back-pressure, without a vendor). CPU is ``getrusage(RUSAGE_SELF)`` over a
-steady window while every socket is speaking, so the figures do not depend on how busy the rest of
-the machine is (beyond cache effects); the wall-clock lateness printed beside them does.
+steady window while every socket is speaking.
+
+With ``--virtual`` (the default) the window runs on Trio's MockClock with autojump: the sockets are
+real and every send is a real system call, but time jumps whenever every task waits, so the pacer
+does exactly the work of N sessions whatever else loads the machine (a starved real-time run falls
+behind, restarts timelines and batches more frames, which changes the work itself). Connections are
+made in real time first (handshake timeouts would fire under autojump).
 
 Used for the A/B of each pacing lever (bench/NOTES.md); not part of `make bench`'s table.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import socket
 import subprocess
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import cast
 
 import trio
+import trio.testing
 
 from bench.procs import ROOT
 from bench.recording import cpu_seconds, raise_fd_limit
@@ -43,7 +50,16 @@ class _Quiet:
         pass
 
 
-async def measure(port: int, n: int, seconds: float, pacing: PacingConfig) -> dict[str, float]:
+def _callgrind(on: bool) -> None:
+    """Under ``valgrind --tool=callgrind --instr-atstart=no``: count instructions in the window only."""
+    if os.environ.get("PACING_CPU_CALLGRIND"):
+        flag = "on" if on else "off"
+        subprocess.run(["callgrind_control", "-i", flag, str(os.getpid())], check=True, capture_output=True)
+
+
+async def measure(
+    port: int, n: int, seconds: float, pacing: PacingConfig, clock: trio.testing.MockClock | None
+) -> dict[str, float]:
     medias: list[MediaSocket] = []
     connected = trio.Event()
     chunk = AudioChunk(0, bytes(range(16, 176)) * 5)  # 100 ms
@@ -71,14 +87,19 @@ async def measure(port: int, n: int, seconds: float, pacing: PacingConfig) -> di
             nursery.start_soon(one, i, gate)
         await connected.wait()
         gc.collect()
+        if clock is not None:
+            clock.rate = 0.0  # from here on time moves only by jumps
+            clock.autojump_threshold = 0.0
         await trio.sleep(1.5)  # every socket started, past its lead
         frames0 = sum(m.stats.frames_sent for m in medias)
         messages0 = sum(m.stats.messages_sent for m in medias)
         gc0 = gc.get_stats()[2]["collections"]
         sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
-        cpu0, t0 = cpu_seconds(), time.monotonic()
+        _callgrind(True)
+        cpu0, t0 = cpu_seconds(), trio.current_time()
         await trio.sleep(seconds)
-        cpu, wall = cpu_seconds() - cpu0, time.monotonic() - t0
+        cpu, wall = cpu_seconds() - cpu0, trio.current_time() - t0
+        _callgrind(False)
         system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0
         messages = sum(m.stats.messages_sent for m in medias) - messages0
         frames = sum(m.stats.frames_sent for m in medias) - frames0
@@ -102,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--lead", type=int, default=PacingConfig().lead_frames)
     p.add_argument("--fpm", type=int, default=PacingConfig().frames_per_message)
+    p.add_argument("--real-time", action="store_true", help="no MockClock: the loop on the wall clock")
     args = p.parse_args(argv)
     raise_fd_limit()
     tune_gc()
@@ -120,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             time.sleep(0.3)
             for n in [int(x) for x in args.sessions.split(",")]:
-                r = trio.run(measure, port, n, args.seconds, pacing)
+                clock = None if args.real_time else trio.testing.MockClock(rate=1.0)
+                r = trio.run(measure, port, n, args.seconds, pacing, clock, clock=clock)
                 print(
                     f"N={n} L={args.lead} F={args.fpm}: {r['us_per_message']:.1f} us/message, "
                     f"{r['us_per_session_second']:.0f} us CPU per session-second ({r['cpu_pct']:.0f}% of a core, {100 * r['system_share']:.0f}% of it in the kernel), "

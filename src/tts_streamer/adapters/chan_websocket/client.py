@@ -20,7 +20,7 @@ import attrs
 import trio
 import trio_websocket
 
-from tts_streamer.adapters.chan_websocket import protocol
+from tts_streamer.adapters.chan_websocket import framing, protocol
 from tts_streamer.adapters.chan_websocket.protocol import (
     MAX_MESSAGE_PAYLOAD,
     Command,
@@ -103,6 +103,13 @@ class MediaConnection:
         self._mark_handlers: dict[str, Callable[[], None]] = {}
         # Start times of the sends in progress, oldest first (trio-websocket's stream lock is FIFO).
         self._sending_since: list[float] = []
+        self._masking_keys = framing.MaskingKeys()
+        # Audio frames are built here and written under trio-websocket's own stream lock (so they
+        # never interleave with its pongs or close frame); anything else that looks like a
+        # WebSocketConnection (a test double) gets them through send_message.
+        self._raw = isinstance(getattr(ws, "_stream_lock", None), trio.StrictFIFOLock) and hasattr(
+            ws, "_stream"
+        )
 
     @property
     def paused(self) -> bool:
@@ -123,7 +130,10 @@ class MediaConnection:
     async def send_audio(self, payload: bytes) -> None:
         if len(payload) > MAX_MESSAGE_PAYLOAD:
             raise ValueError(f"audio message of {len(payload)} bytes exceeds {MAX_MESSAGE_PAYLOAD}")
-        await self._send(payload)
+        if self._raw:
+            await self._send_frame(framing.binary_frame(payload, self._masking_keys.next()))
+        else:
+            await self._send(payload)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += len(payload)
 
@@ -138,6 +148,22 @@ class MediaConnection:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from None
+        finally:
+            self._sending_since.remove(started)
+
+    async def _send_frame(self, frame: bytes) -> None:
+        """Write one pre-built frame as trio-websocket's own ``_send`` would (its checks, its lock)."""
+        ws = self._ws
+        if ws._close_reason:  # set before trio-websocket writes its close frame; data never follows it
+            raise _closed(trio_websocket.ConnectionClosed(ws._close_reason))
+        started = trio.current_time()
+        self._sending_since.append(started)
+        try:
+            async with ws._stream_lock:
+                await ws._stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise _closed(trio_websocket.ConnectionClosed(ws._close_reason)) from None
         finally:
             self._sending_since.remove(started)
 
