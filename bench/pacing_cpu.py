@@ -32,7 +32,7 @@ import trio
 import trio.testing
 
 from bench.procs import ROOT
-from bench.recording import cpu_seconds, raise_fd_limit
+from bench.recording import cpu_seconds, raise_fd_limit, rss_bytes
 from tts_streamer.actors.audio import AudioChannel, AudioChunk
 from tts_streamer.actors.media_socket import MediaSocket, PacingConfig
 from tts_streamer.adapters.chan_websocket.client import open_media_connection, websocket_dialer
@@ -81,6 +81,7 @@ async def measure(
                     await audio.send(chunk)
 
     result: dict[str, float] = {}
+    rss0 = rss_bytes()
     async with trio.open_nursery() as nursery:
         gate = trio.Semaphore(16)
         for i in range(n):
@@ -111,6 +112,7 @@ async def measure(
             "frames_per_s_ratio": frames / (n * wall * 50),
             "lateness_p99_ms": max(m.stats.lateness.percentile(99) for m in medias) * 1000,
             "restarts": sum(m.stats.timeline_restarts for m in medias),
+            "rss_kib_per_session": (rss_bytes() - rss0) / 1024 / n,
             "gen2_collections": gc.get_stats()[2]["collections"] - gc0,
         }
         nursery.cancel_scope.cancel()

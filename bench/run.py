@@ -10,7 +10,9 @@ processes on 127.0.0.1, timestamps on CLOCK_MONOTONIC. Scenarios:
 - crosscheck: the same as pacing with the Asterisk simulator as receiver at --crosscheck-sessions;
 - flush at each --flush-sessions N: speak, flush at a staggered time, speak a new utterance;
 - speed-inf: vendor at infinite speed at --inf-sessions;
-- sweep of lead_frames x frames_per_message at --sweep-sessions for --sweep-duration seconds.
+- sweep of lead_frames x frames_per_message at --sweep-sessions for --sweep-duration seconds;
+- lead-sweep (only with --only lead-sweep): bench/lead_sweep.py, leads to 500 ms and messages to
+  200 ms, the rule that picks PacingConfig's defaults.
 
 Prints one markdown table, writes bench/results/<date>.md (--out), and exits 1 when a target is
 missed (2 when the harness itself failed), after writing the results.
@@ -376,6 +378,10 @@ def run_and_analyze(sc: Scenario, raw: Path, tag: str) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.only and "lead-sweep" in {k.strip() for k in args.only.split(",")}:
+        from bench import lead_sweep  # its own module and results file (bench/lead_sweep.py)
+
+        return lead_sweep.main(["--quick"] if args.quick else [])
     scenarios = plan(args) if args.from_json is None else []
     procs.NICE = args.nice
     rows: list[Row] = []

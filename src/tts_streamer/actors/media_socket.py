@@ -302,7 +302,8 @@ class MediaSocket:
             return
         now = trio.current_time()
         # The last frame plays within one tick after the queued lead drains.
-        played_at = max(now, (self.t0 or now) + self.n * self._ptime) + self._ptime
+        start = now if self.t0 is None else self.t0  # not `t0 or now`: 0.0 is a time (MockClock's first)
+        played_at = max(now, start + self.n * self._ptime) + self._ptime
         self._playout_send.send_nowait((played_at, utterance))
 
     async def _serve_playout_clock(self) -> None:
