@@ -212,8 +212,15 @@ class MediaSocket:
             self.t0 = now
             self.n = 0
         deadline = self.t0 + (self.n - self._config.lead_frames) * self._ptime
-        if deadline > now and not await self.alarm.wait_until(deadline):
-            return  # flushed while waiting: start over with what is left
+        if deadline > now:
+            if not await self.alarm.wait_until(deadline):
+                return  # flushed while waiting: start over with what is left
+        else:
+            # Due already (the lead, or catching up): the send below need not yield, so yield here.
+            t0 = self.t0
+            await trio.lowlevel.checkpoint()
+            if self.t0 is not t0:
+                return  # flushed meanwhile: start over with what is left
         await self.send_due(max(deadline, self.t0))
 
     async def _wait_for_bridge(self) -> None:
@@ -225,7 +232,11 @@ class MediaSocket:
 
     async def _next_item(self) -> _Frame | _End:
         while not self._queue:
-            self._accept(await self._audio.receive())
+            try:
+                item = self._audio.receive_nowait()  # usually there: no scheduler round trip
+            except (trio.WouldBlock, trio.EndOfChannel):
+                item = await self._audio.receive()
+            self._accept(item)
         return self._queue[0]
 
     def _accept(self, item: AudioItem) -> None:
@@ -261,7 +272,12 @@ class MediaSocket:
     async def send_due(self, slot_time: float) -> None:
         """Send the frames at the head of the queue (up to frames_per_message) as one message; its
         lateness is counted against ``slot_time``. Advances ``n`` by the frames sent."""
-        async with self._send_lock:
+        # Uncontended (nearly always), the lock is taken without a scheduler round trip.
+        if self._send_lock.locked():
+            await self._send_lock.acquire()
+        else:
+            self._send_lock.acquire_nowait()
+        try:
             # Pull in whatever has arrived meanwhile so due frames can share one message.
             while len(self._queue) < self._max_batch:
                 try:
@@ -288,6 +304,8 @@ class MediaSocket:
                     self._listener.on_first_frame(frame.utterance)
             for utterance, frames in collections.Counter(frame.utterance for frame in batch).items():
                 self._listener.on_frames_sent(utterance, frames)
+        finally:
+            self._send_lock.release()
 
     # -- playout acknowledgement --------------------------------------------------------------------
 

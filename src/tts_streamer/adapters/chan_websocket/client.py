@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -152,15 +153,45 @@ class MediaConnection:
             self._sending_since.remove(started)
 
     async def _send_frame(self, frame: bytes) -> None:
-        """Write one pre-built frame as trio-websocket's own ``_send`` would (its checks, its lock)."""
+        """Write one pre-built frame as trio-websocket's own ``_send`` would (its checks, its lock).
+
+        When the stream lock is free and the stream is a real socket, the frame goes to the
+        (non-blocking) socket at once: no scheduler round trip for the lock or for trio's send_all.
+        Only what the kernel did not take is then written the usual way, still under the lock, so
+        nothing can come between a frame's two parts. The caller's loop has its own checkpoint.
+        """
         ws = self._ws
         if ws._close_reason:  # set before trio-websocket writes its close frame; data never follows it
             raise _closed(trio_websocket.ConnectionClosed(ws._close_reason))
+        lock = ws._stream_lock
+        sock = _raw_socket(ws._stream)
+        if sock is None or lock.locked():
+            await self._send_frame_locked(frame, 0)
+            return
+        lock.acquire_nowait()
+        try:
+            try:
+                sent = sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent < len(frame):
+                # The kernel's buffer is full (or the socket failed): trio's send_all waits or raises.
+                await self._send_frame_locked(frame, max(0, sent), locked=True)
+        finally:
+            lock.release()
+
+    async def _send_frame_locked(self, frame: bytes, offset: int, *, locked: bool = False) -> None:
+        ws = self._ws
         started = trio.current_time()
         self._sending_since.append(started)
         try:
-            async with ws._stream_lock:
-                await ws._stream.send_all(frame)
+            if locked:
+                await ws._stream.send_all(memoryview(frame)[offset:])
+            else:
+                async with ws._stream_lock:
+                    await ws._stream.send_all(memoryview(frame)[offset:])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()
             raise _closed(trio_websocket.ConnectionClosed(ws._close_reason)) from None
@@ -229,6 +260,14 @@ class MediaConnection:
     @property
     def connection_id(self) -> str:
         return self.media_start.connection_id
+
+
+def _raw_socket(stream: object) -> socket.socket | None:
+    """The stdlib socket under a plain trio SocketStream (None for TLS, memory streams, doubles)."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    raw = getattr(stream.socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> MediaSocketClosed:
