@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
 
 import trio
 import trio.testing
@@ -69,7 +68,7 @@ async def measure(
         async with open_media_connection(f"ws://127.0.0.1:{port}/media/p{i}", websocket_dialer()) as conn:
             gate.release()
             audio = AudioChannel(1000)
-            media = MediaSocket(conn, audio, cast(_Quiet, _Quiet()), pacing)
+            media = MediaSocket(conn, audio, _Quiet(), pacing)
             medias.append(media)
             if len(medias) == n:
                 connected.set()
@@ -148,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = trio.run(measure, port, n, args.seconds, pacing, clock, clock=clock)
                 print(
                     f"N={n} L={args.lead} F={args.fpm}: {r['us_per_message']:.1f} us/message, "
-                    f"{r['us_per_session_second']:.0f} us CPU per session-second ({r['cpu_pct']:.0f}% of a core, {100 * r['system_share']:.0f}% of it in the kernel), "
+                    f"{r['us_per_session_second']:.0f} us CPU per session-second "
+                    f"({r['cpu_pct']:.0f}% of a core, {100 * r['system_share']:.0f}% of it in the kernel), "
                     f"frames {r['frames_per_s_ratio']:.3f} of real time, sender lateness p99 "
-                    f"{r['lateness_p99_ms']:.1f} ms, {r['restarts']} restarts, {r['gen2_collections']} gen2 GCs",
+                    f"{r['lateness_p99_ms']:.1f} ms, {r['restarts']} restarts, "
+                    f"{r['gen2_collections']} gen2 GCs",
                     flush=True,
                 )
         finally:

@@ -7,7 +7,7 @@ from typing import cast
 
 import pytest
 import trio
-import wsproto
+from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage
 
 from tests.lifecycle_support import StallableStream, stalling_dialer
@@ -139,8 +139,10 @@ async def test_an_alarm_is_woken_early_by_wake_and_cancelled_like_a_sleep(autoju
 def test_prebuilt_frames_parse_as_the_same_binary_messages(size):
     keys = framing.MaskingKeys()
     payload = bytes((i * 7 + 3) % 256 for i in range(size))
-    server = wsproto.Connection(wsproto.ConnectionType.SERVER)
-    server.receive_data(framing.binary_frame(payload, keys.next()) + framing.binary_frame(payload, keys.next()))
+    server = Connection(ConnectionType.SERVER)
+    server.receive_data(
+        framing.binary_frame(payload, keys.next()) + framing.binary_frame(payload, keys.next())
+    )
     events = list(server.events())
     assert [type(e) for e in events] == [BytesMessage, BytesMessage]
     for event in events:

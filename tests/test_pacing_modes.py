@@ -7,8 +7,8 @@ from typing import cast
 
 import pytest
 import trio
-
 from bench.baselines import go_today, sleep_after_write, step_for
+
 from tts_streamer.actors.audio import AudioChunk, AudioItem, UtteranceEnd
 from tts_streamer.actors.media_socket import MediaSocket, PacingConfig
 from tts_streamer.adapters.chan_websocket.client import MediaConnection

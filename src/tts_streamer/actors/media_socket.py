@@ -46,10 +46,12 @@ class PlayoutListener(Protocol):
 @attrs.frozen
 class PacingConfig:
     # These defaults ARE what ships: DaemonConfig (serve), the demo and `make bench`'s "shipped" rows all
-    # take them from here. 5 frames per message: at 1, one core cannot keep up past ~180 sessions
-    # (bench/NOTES.md); Asterisk re-cuts each message into 20 ms frames on its own clock.
-    lead_frames: int = 3
-    frames_per_message: int = 5
+    # take them from here, and they are what bench/lead_sweep.py's rule chose (its CHOSEN; results in
+    # bench/results/*-lead-sweep.md): 10 frames (200 ms) per message, the cheapest per session-second,
+    # and a 300 ms lead, the shortest that rides out a 300 ms stall of the loop without a gap.
+    # FLUSH_MEDIA empties Asterisk's queue at once, so the lead costs nothing at barge-in.
+    lead_frames: int = 15
+    frames_per_message: int = 10
     # Audio sent before the leg joins its bridge is lost, and Asterisk says nothing when it joins:
     # the first audio waits until this long after MEDIA_START, or less if a caller frame (proof of
     # the join) comes first. Counted from the connection, so a say made later goes out at once.

@@ -15,6 +15,7 @@ import trio
 
 from tts_streamer.actors.commands import Command, CommandError
 from tts_streamer.actors.events import EventSink
+from tts_streamer.actors.pacer_clock import current_clock
 from tts_streamer.actors.session import Session, SessionConfig, SessionStartError
 from tts_streamer.adapters.chan_websocket.client import Dialer
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
@@ -140,6 +141,9 @@ async def open_supervisor(
     stop_grace: float = 5.0,
 ) -> AsyncIterator[Supervisor]:
     """Run a supervisor for the body's duration; on exit every session is stopped cleanly."""
+    # The process-wide pacer clock (a system task) starts with the supervisor, not with the first
+    # session, so an idle daemon's task count includes it from the start.
+    current_clock()
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(
             nursery,
