@@ -6,7 +6,9 @@ chan_websocket endpoint; or bench/sim_receiver.py, the Asterisk simulator, for t
 processes on 127.0.0.1, timestamps on CLOCK_MONOTONIC. Scenarios:
 
 - pacing at each --sessions N for --duration seconds, as `serve` ships (PacingConfig's defaults, tune_gc());
-- baseline: the same with PacingConfig(mode="sleep_after_write") at --baseline-sessions;
+- baseline: the same paced as the Go service before its pacing change (sleep after write,
+  bench/baselines.py) at --baseline-sessions; baseline-go: the Go service as it is today (a fresh
+  ticker per vendor chunk, one frame per message, running ahead of real time) at the same N;
 - crosscheck: the same as pacing with the Asterisk simulator as receiver at --crosscheck-sessions;
 - flush at each --flush-sessions N: speak, flush at a staggered time, speak a new utterance;
 - speed-inf: vendor at infinite speed at --inf-sessions;
@@ -167,6 +169,8 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
             )
     for n in _ints(args.baseline_sessions):
         out.append(Scenario("baseline", n, args.duration, mode="sleep_after_write", **shipped, **common))
+        go: dict[str, Any] = {"lead_frames": 0, "frames_per_message": 1, "gc": SERVE_GC}
+        out.append(Scenario("baseline-go", n, args.duration, mode="go_today", **go, **common))
     for n in _ints(args.crosscheck_sessions):
         out.append(Scenario("crosscheck", n, args.crosscheck_duration, receiver="both", **shipped, **common))
     for n in _ints(args.flush_sessions):
