@@ -11,7 +11,9 @@ frames_per_message (leads up to 500 ms, messages up to 200 ms) and measures, per
   daemon holds the vendor channel's budget (audio_queue_ms) whatever the lead;
 - against the Asterisk simulator in virtual time, one 3 s utterance with the pacer stalled once for
   each of STALLS_MS (the whole session's sends held, as a loop stall or a collector pause holds them;
-  Asterisk keeps playing on its own clock): the simulator's underrun ticks, the most frames queued in
+  Asterisk keeps playing on its own clock). The stall holds the first send after each of STALL_AT,
+  so it always begins when a message is due, i.e. when Asterisk's queue is at its emptiest (the lead):
+  the worst case. Measured: the simulator's underrun ticks, the most frames queued in
   Asterisk (XOFF comes at 900), and the error of message_play_finished, i.e. when the session reports
   the utterance played minus when its last frame actually played: MARK_MEDIA in JSON mode, the
   modelled clock in plain-text mode (positive: reported late; negative: reported before the end).
@@ -53,6 +55,9 @@ from tts_streamer.supervisor.gc_tuning import tune_gc
 LEADS = (3, 5, 10, 15, 20, 25)  # 60 ms .. 500 ms
 FPMS = (1, 5, 10)  # 20 ms .. 200 ms per message
 STALLS_MS = (0, 100, 200, 300, 400)
+# When the stall starts, seconds into the utterance: spread over one 200 ms message period, so the
+# stall meets the queue at its fullest and at its emptiest (just before a message is due).
+STALL_AT = (1.0, 1.05, 1.11, 1.17)
 # The longest pause a session must ride out without a gap: the collector's full collections measured
 # 75-290 ms at 500 sessions with the stock thresholds (bench/NOTES.md), so 300 ms.
 STALL_BUDGET_MS = 300
@@ -95,7 +100,7 @@ class _StallingConnection:
         await self._conn.send_audio(payload)
 
 
-async def _stall_run(lead: int, fpm: int, fmt: ControlFormat, stall_ms: int) -> dict[str, float]:
+async def _stall_run(lead: int, fpm: int, fmt: ControlFormat, stall_ms: int, at: float) -> dict[str, float]:
     sim = AsteriskSimulator(seed=lead * 1000 + fpm * 10 + stall_ms)
     call = sim.expect("c1", SimConfig(control_format=fmt, bridge_delay=0.0, tick_phase=0.007))
     pacing = PacingConfig(lead_frames=lead, frames_per_message=fpm, bridge_timeout=0.0)
@@ -103,7 +108,7 @@ async def _stall_run(lead: int, fpm: int, fmt: ControlFormat, stall_ms: int) -> 
     async with trio.open_nursery() as nursery:
         dialer = memory_dialer(sim, nursery)
         async with open_media_connection("ws://sim/media/c1", dialer) as conn:
-            stalling = _StallingConnection(conn, trio.current_time() + 1.0, stall_ms / 1000)
+            stalling = _StallingConnection(conn, trio.current_time() + at, stall_ms / 1000)
             audio = AudioChannel(1000)
             media = MediaSocket(cast(MediaConnection, stalling), audio, listener, pacing)
             async with trio.open_nursery() as inner:
@@ -131,11 +136,21 @@ async def _stall_run(lead: int, fpm: int, fmt: ControlFormat, stall_ms: int) -> 
 
 
 def stall_runs(lead: int, fpm: int) -> dict[str, Any]:
+    """Per control format and stall: the worst over STALL_AT of underruns and queue, and the range of
+    the play-finished error."""
     out: dict[str, Any] = {}
     for fmt in (ControlFormat.TEXT, ControlFormat.JSON):
         for stall in STALLS_MS:
-            clock = trio.testing.MockClock(autojump_threshold=0)
-            out[f"{fmt.value}/{stall}"] = trio.run(_stall_run, lead, fpm, fmt, stall, clock=clock)
+            runs = []
+            for at in STALL_AT:
+                clock = trio.testing.MockClock(autojump_threshold=0)
+                runs.append(trio.run(_stall_run, lead, fpm, fmt, stall, at, clock=clock))
+            out[f"{fmt.value}/{stall}"] = {
+                "underruns": max(r["underruns"] for r in runs),
+                "max_queue": max(r["max_queue"] for r in runs),
+                "error_min_ms": min(r["finished_error_ms"] for r in runs),
+                "error_max_ms": max(r["finished_error_ms"] for r in runs),
+            }
     return out
 
 
@@ -171,13 +186,13 @@ def cpu_runs(points: list[tuple[int, int]], sessions: int, seconds: float) -> di
 
 
 def acceptable(stalls: dict[str, Any]) -> bool:
+    """The rule for one point, judged on the stalls the design must ride out (<= the budget)."""
     for key, r in stalls.items():
-        stall = int(key.split("/")[1])
-        if stall <= STALL_BUDGET_MS and r["underruns"]:
+        if int(key.split("/")[1]) > STALL_BUDGET_MS:
+            continue  # beyond the budget a gap is expected; shown in the table, not judged
+        if r["underruns"] or r["max_queue"] > protocol.XOFF_FRAMES - XOFF_HEADROOM:
             return False
-        if r["max_queue"] > protocol.XOFF_FRAMES - XOFF_HEADROOM:
-            return False
-        if not 0.0 <= r["finished_error_ms"] <= PLAY_FINISHED_SLACK_MS:
+        if r["error_min_ms"] < 0.0 or r["error_max_ms"] > PLAY_FINISHED_SLACK_MS:
             return False
     return True
 
@@ -198,13 +213,15 @@ def render(cpu: dict[tuple[int, int], Any], stalls: dict[tuple[int, int], Any], 
         f"# Lead x frames-per-message sweep, {date.today().isoformat()}",
         "",
         f"- `python -m bench.lead_sweep`; CPU at N={sessions} in virtual time (bench/pacing_cpu.py); stalls "
-        f"against the Asterisk simulator in virtual time, one {UTTERANCE_S:g} s utterance, stall at 1 s",
-        "- underruns / most frames queued in Asterisk / play-finished error (ms) per stall, text | json",
+        f"against the Asterisk simulator in virtual time, one {UTTERANCE_S:g} s utterance, the stall "
+        f"starting at each of {', '.join(f'{a:g}' for a in STALL_AT)} s",
+        "- per stall, text | json control: most underrun ticks / most frames queued in Asterisk / "
+        "play-finished error range (ms, reported minus the last frame's playout)",
         "",
         "| L (ms) | F (ms) | CPU us per session-second | most queued in Asterisk (KiB) | "
-        + " | ".join(f"stall {s} ms" for s in STALLS_MS)
+        + " | ".join(f"stall {s} ms text | json" for s in STALLS_MS)
         + " | meets the rule |",
-        "|---|---|---|---|" + "---|" * len(STALLS_MS) + "---|",
+        "|---|---|---|---|" + "---|---|" * len(STALLS_MS) + "---|",
     ]
     for (lead, fpm), st in sorted(stalls.items()):
         c = cpu.get((lead, fpm), {})
@@ -212,8 +229,8 @@ def render(cpu: dict[tuple[int, int], Any], stalls: dict[tuple[int, int], Any], 
         for s in STALLS_MS:
             t, j = st[f"text/{s}"], st[f"json/{s}"]
             cells.append(
-                f"{t['underruns']}/{t['max_queue']}/{t['finished_error_ms']:.0f} | "
-                f"{j['underruns']}/{j['max_queue']}/{j['finished_error_ms']:.0f}"
+                f"{t['underruns']}/{t['max_queue']}/{t['error_min_ms']:.0f}..{t['error_max_ms']:.0f} | "
+                f"{j['underruns']}/{j['max_queue']}/{j['error_min_ms']:.0f}..{j['error_max_ms']:.0f}"
             )
         us = c.get("us_per_session_second", float("nan"))
         lines.append(
