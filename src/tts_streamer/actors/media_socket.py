@@ -296,7 +296,7 @@ class MediaSocket:
                 self._queue.popleft()
             if not batch:
                 return
-            await self._conn.send_audio(b"".join(frame.data for frame in batch))
+            await self._conn.send_audio(b"".join([frame.data for frame in batch]))
             self.stats.lateness.record(trio.current_time() - slot_time)
             self.stats.messages_sent += 1
             self.stats.frames_sent += len(batch)
@@ -304,8 +304,12 @@ class MediaSocket:
             for frame in batch:
                 if frame.first:
                     self._listener.on_first_frame(frame.utterance)
-            for utterance, frames in collections.Counter(frame.utterance for frame in batch).items():
-                self._listener.on_frames_sent(utterance, frames)
+            # Utterance numbers only grow along the queue: equal ends mean one utterance (nearly always).
+            if batch[0].utterance == batch[-1].utterance:
+                self._listener.on_frames_sent(batch[0].utterance, len(batch))
+            else:
+                for utterance, frames in collections.Counter(f.utterance for f in batch).items():
+                    self._listener.on_frames_sent(utterance, frames)
         finally:
             self._send_lock.release()
 
