@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from bench.baselines import step_for
 from bench.procs import SERVE_GC
 from bench.recording import cpu_seconds, machine_jiffies, raise_fd_limit, rss_bytes
 from bench.voices import CALL, TimedEngine, build_engine, seconds_of_audio_per_char, texts_for
@@ -122,7 +123,7 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         lead_frames=int(cfg["lead_frames"]),
         frames_per_message=int(cfg["frames_per_message"]),
         bridge_timeout=float(cfg["bridge_timeout"]),
-        mode=cfg["mode"],
+        step=step_for(cfg["mode"]),
     )
     sink = BenchSink()
     uris = [f"ws://127.0.0.1:{port}/media/" for port in cfg["ports"]]

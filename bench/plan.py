@@ -9,7 +9,9 @@ Scenario kinds (every one as `serve` ships: PacingConfig's defaults, tune_gc() a
 - burst at each --burst-sessions N: created and speaking within --burst-spread seconds (1 s), inbound;
 - voice: --voice-sessions N speaking through each of --voices (espeak-ng in the daemon's process, each
   cloud adapter against its fake in another process), texts said --feed-ahead seconds ahead of playback;
-- baseline: PacingConfig(mode="sleep_after_write") at --baseline-sessions;
+- baseline: the same paced as the Go service before its pacing change (sleep after write,
+  bench/baselines.py) at --baseline-sessions; baseline-go: the Go service as it is today (a fresh
+  ticker per vendor chunk, one frame per message, running ahead of real time) at the same N;
 - crosscheck: the lightweight receiver and the Asterisk simulator (softmix legs) side by side;
 - flush at each --flush-sessions N (inbound): speak, flush at a staggered time, speak a new utterance;
 - speed-inf: vendor at infinite speed at --inf-sessions;
@@ -194,6 +196,8 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
             out.append(Scenario("pacing", n, args.duration, **candidate, **common))
     for n in ints(args.baseline_sessions):
         out.append(Scenario("baseline", n, args.duration, mode="sleep_after_write", **shipped, **common))
+        go: dict[str, Any] = {"lead_frames": 0, "frames_per_message": 1, "gc": SERVE_GC}
+        out.append(Scenario("baseline-go", n, args.duration, mode="go_today", **go, **common))
     for n in ints(args.crosscheck_sessions):
         cross: dict[str, Any] = {"receiver": "both", "inbound": True}
         out.append(Scenario("crosscheck", n, args.crosscheck_duration, **cross, **shipped, **common))

@@ -36,7 +36,8 @@ class ScenarioError(RuntimeError):
 
 @attrs.frozen
 class Scenario:
-    kind: str  # pacing | baseline | crosscheck | flush | speed-inf | sweep | burst | target | voice
+    # pacing | baseline | baseline-go | crosscheck | flush | speed-inf | sweep | burst | target | voice
+    kind: str
     sessions: int
     duration: float
     mode: str = "absolute"
@@ -88,7 +89,7 @@ class Scenario:
         speed = "inf" if self.speed == float("inf") else f"{self.speed:g}x"
         text = f"L={self.lead_frames} F={self.frames_per_message} {speed}"
         if self.mode != "absolute":
-            text += " sleep-after-write"
+            text += " " + self.mode.replace("_", "-")
         if self.receiver == "sim" and self.kind != "crosscheck":
             text += " simulator"
         if self.gc != SERVE_GC:

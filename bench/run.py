@@ -61,6 +61,10 @@ def run_and_analyze(sc: Scenario, raw: Path, tag: str) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__)
+    if args.only and "lead-sweep" in {k.strip() for k in args.only.split(",")}:
+        from bench import lead_sweep  # its own module and results file (bench/lead_sweep.py)
+
+        return lead_sweep.main(["--quick"] if args.quick else [])
     scenarios = plan(args) if args.from_json is None else []
     if args.dry_run:
         total = sum(estimate_seconds(sc) for sc in scenarios) + (60.0 if wants_amqp(args) else 0.0)

@@ -57,8 +57,9 @@ def tasks_of(call_id: str) -> list[str]:
     return [name for name in task_names() if f"[{call_id}]" in name]
 
 
-# Most session tests reason frame by frame: they pin one frame per message (not what serve ships, 5).
-FRAME_PER_MESSAGE = PacingConfig(frames_per_message=1)
+# Most session tests reason frame by frame: they pin one frame per message and the 60 ms lead they
+# were written for (serve ships 10 frames per message and a 300 ms lead, PacingConfig's defaults).
+FRAME_PER_MESSAGE = PacingConfig(lead_frames=3, frames_per_message=1)
 
 
 @asynccontextmanager

@@ -77,3 +77,51 @@ async def test_a_start_cancelled_by_the_callers_deadline_returns_promptly_and_st
                 await call.ended.wait()
             assert call.hung_up
             nursery.cancel_scope.cancel()
+
+
+async def test_frames_written_past_a_full_socket_buffer_arrive_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audio frames go straight to the non-blocking socket; when the kernel takes only part of one,
+    the rest follows under trio-websocket's stream lock. With a tiny send buffer most frames are cut
+    so: the simulator (wsproto underneath) must still receive every message, whole and in order."""
+    import socket
+
+    from tts_streamer.adapters.chan_websocket import client
+
+    partial: list[int] = []
+    real_raw_socket = client._raw_socket
+
+    class Counting:
+        """The real socket; counts the sends the kernel took only part of."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def send(self, data: bytes) -> int:
+            sent = self._sock.send(data)
+            if sent < len(data):
+                partial.append(sent)
+            return sent
+
+    def counting(stream: object) -> object:
+        sock = real_raw_socket(stream)
+        return None if sock is None else Counting(sock)
+
+    monkeypatch.setattr(client, "_raw_socket", counting)
+    sim = AsteriskSimulator(accept_any=True)
+    payloads = [bytes([16 + i]) * 64000 for i in range(2)]  # 800 frames: below XOFF
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
+            uri = f"ws://127.0.0.1:{port}/media/c1"
+            async with client.open_media_connection(uri, websocket_dialer()) as conn:
+                raw = conn._ws._stream.socket  # type: ignore[attr-defined]
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2048)
+                for payload in payloads:
+                    await conn.send_audio(payload)
+                call = sim.calls["c1"]
+                await trio.sleep(0.5)  # loopback: long enough for 128 kB to be read
+            assert [m.length for m in call.messages] == [64000] * len(payloads)
+            assert [q.data[0] for q in call.queued[::400]] == [p[0] for p in payloads]
+            assert not call.client_faults
+            assert partial, "the kernel took every frame whole: the test did not reach the partial path"
+            nursery.cancel_scope.cancel()

@@ -1,4 +1,5 @@
-"""Pacing modes: the absolute timeline absorbs write time; the bench baseline (sleep after write) drifts."""
+"""Pacing modes: the absolute timeline absorbs write time; the bench baselines (bench/baselines.py)
+drift behind (sleep after write) or run ahead (the Go service today)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import cast
 
 import pytest
 import trio
+from bench.baselines import go_today, sleep_after_write, step_for
 
 from tts_streamer.actors.audio import AudioChunk, AudioItem, UtteranceEnd
 from tts_streamer.actors.media_socket import MediaSocket, PacingConfig
@@ -90,7 +92,7 @@ async def test_absolute_timeline_absorbs_write_time(autojump_clock):
 
 
 async def test_sleep_after_write_baseline_drifts_by_the_write_time(autojump_clock):
-    writes = await pace(PacingConfig(lead_frames=0, frames_per_message=1, mode="sleep_after_write"))
+    writes = await pace(PacingConfig(lead_frames=0, frames_per_message=1, step=sleep_after_write))
     assert len(writes) == FRAMES
     # Each frame comes 21 ms after the previous one: after 250 frames the drift is 249 ms.
     assert all(t == pytest.approx(n * 0.021, abs=1e-9) for n, (t, _) in enumerate(writes))
@@ -99,7 +101,7 @@ async def test_sleep_after_write_baseline_drifts_by_the_write_time(autojump_cloc
 
 
 async def test_sleep_after_write_keeps_the_lead_and_batches(autojump_clock):
-    writes = await pace(PacingConfig(lead_frames=3, frames_per_message=5, mode="sleep_after_write"), 20)
+    writes = await pace(PacingConfig(lead_frames=3, frames_per_message=5, step=sleep_after_write), 20)
     assert [size for _, size in writes] == [800] * 4
     # The first message carries the lead (it is slept off only beyond it), then 5 frames per 5 ptimes.
     starts = [t for t, _ in writes]
@@ -108,4 +110,14 @@ async def test_sleep_after_write_keeps_the_lead_and_batches(autojump_clock):
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode"):
-        PacingConfig(mode="sleep")
+        step_for("sleep")
+
+
+async def test_go_today_baseline_runs_ahead_one_frame_per_chunk(autojump_clock):
+    """A fresh ticker per 5-frame chunk and no tick after a chunk's last frame: 5 frames per 81 ms."""
+    writes = await pace(PacingConfig(lead_frames=0, frames_per_message=1, step=go_today), 20)
+    assert [size for _, size in writes] == [160] * 20
+    chunk = [0.0, 0.020, 0.040, 0.060, 0.080]
+    expected = [c * (0.080 + WRITE_TIME) + t for c in range(4) for t in chunk]
+    assert [t for t, _ in writes] == pytest.approx(expected, abs=1e-9)
+    assert writes[-1][0] < 19 * 0.020 - 0.050  # ahead of real time by ~one frame per chunk

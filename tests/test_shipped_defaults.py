@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from bench import driver, procs
+from bench import driver, lead_sweep, procs
 from bench import plan as bench_plan
 from bench import targets as bench_targets
 
@@ -35,7 +35,8 @@ def test_daemon_demo_and_bench_agree_on_the_shipped_pacing() -> None:
         (SessionConfig().pacing.lead_frames, SessionConfig().pacing.frames_per_message),
     ]:
         assert (lead, fpm) == (shipped.lead_frames, shipped.frames_per_message)
-    assert shipped.frames_per_message == 5  # what bench/NOTES.md and issue 16 say serve ships
+    # What bench/lead_sweep.py's rule chose is what ships.
+    assert (shipped.lead_frames, shipped.frames_per_message) == lead_sweep.CHOSEN
     assert bench_gc == procs.SERVE_GC
 
 

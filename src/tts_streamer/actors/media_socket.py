@@ -17,12 +17,14 @@ from __future__ import annotations
 import collections
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import attrs
 import trio
 
 from tts_streamer.actors.audio import AudioChunk, AudioItem, AudioSource, UtteranceEnd
+from tts_streamer.actors.pacer_clock import Alarm
 from tts_streamer.actors.stats import LatenessRecorder
 from tts_streamer.adapters.chan_websocket import protocol
 from tts_streamer.adapters.chan_websocket.client import MediaConnection
@@ -44,10 +46,12 @@ class PlayoutListener(Protocol):
 @attrs.frozen
 class PacingConfig:
     # These defaults ARE what ships: DaemonConfig (serve), the demo and `make bench`'s "shipped" rows all
-    # take them from here. 5 frames per message: at 1, one core cannot keep up past ~180 sessions
-    # (bench/NOTES.md); Asterisk re-cuts each message into 20 ms frames on its own clock.
-    lead_frames: int = 3
-    frames_per_message: int = 5
+    # take them from here, and they are what bench/lead_sweep.py's rule chose (its CHOSEN; results in
+    # bench/results/*-lead-sweep.md): 10 frames (200 ms) per message, the cheapest per session-second,
+    # and a 300 ms lead, the shortest that rides out a 300 ms stall of the loop without a gap.
+    # FLUSH_MEDIA empties Asterisk's queue at once, so the lead costs nothing at barge-in.
+    lead_frames: int = 15
+    frames_per_message: int = 10
     # Audio sent before the leg joins its bridge is lost, and Asterisk says nothing when it joins:
     # the first audio waits until this long after MEDIA_START, or less if a caller frame (proof of
     # the join) comes first. Counted from the connection, so a say made later goes out at once.
@@ -55,10 +59,10 @@ class PacingConfig:
     bridge_timeout: float = 0.2
     # "auto": use MARK_MEDIA for real playout acknowledgement when the call speaks JSON control.
     use_marks: str = "auto"
-    # "absolute" is the only production mode. "sleep_after_write" exists for benchmarks only, as the
-    # baseline `make bench` compares against: after each write it sleeps one ptime per frame written
-    # (the way the Go service being replaced paces), so write time and late wake-ups become drift.
-    mode: str = "absolute"
+    # None: the absolute timeline, what ships. An injection point for benchmarks only, which compare
+    # other pacing against it (bench/baselines.py): called once per MediaSocket, it returns the step
+    # run for each frame due (see MediaSocket.send_due and the timeline attributes).
+    step: Callable[[MediaSocket], Callable[[], Awaitable[None]]] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.lead_frames < 0 or self.lead_frames >= protocol.XOFF_FRAMES // 2:
@@ -69,8 +73,6 @@ class PacingConfig:
             raise ValueError(f"bridge_timeout must not be negative: {self.bridge_timeout}")
         if self.use_marks not in {"auto", "always", "never"}:
             raise ValueError(f"use_marks must be auto, always or never: {self.use_marks!r}")
-        if self.mode not in {"absolute", "sleep_after_write"}:
-            raise ValueError(f"mode must be absolute or sleep_after_write: {self.mode!r}")
 
 
 @attrs.frozen
@@ -125,10 +127,15 @@ class MediaSocket:
         self._partial_utterance = -1
         self._started: set[int] = set()
         self._live_from = 0
-        self._t0: float | None = None
-        self._n = 0
+        # The timeline: frame n (counted from t0, when it started) is due at t0 + (n - lead) * ptime.
+        self.t0: float | None = None
+        self.n = 0
+        self.ptime = self._ptime
+        self.lead_frames = config.lead_frames
         self._send_lock = trio.Lock()
-        self._wake_scope = trio.CancelScope()
+        # Woken early by a flush; the pacer waits on it instead of sleeping (actors/pacer_clock.py).
+        self.alarm = Alarm()
+        self._step = self._pace_absolute if config.step is None else config.step(self)
         self._playout_send, self._playout_recv = trio.open_memory_channel[tuple[float, int]](math.inf)
         self._bridge_checked = False
 
@@ -174,9 +181,9 @@ class MediaSocket:
                 except trio.WouldBlock:
                     break
             self._conn.forget_marks()
-            self._t0 = None
-            self._n = 0
-            self._wake_scope.cancel(reason="flush")
+            self.t0 = None
+            self.n = 0
+            self.alarm.wake()
             await self._conn.send_command(protocol.FLUSH_MEDIA)
             self.stats.flushes += 1
             self.stats.frames_dropped_by_flush += dropped
@@ -196,24 +203,27 @@ class MediaSocket:
                 await self._wait_for_bridge()
             if self._conn.paused:
                 await self._conn.wait_resumed()
-            if self._config.mode == "sleep_after_write":
-                await self._pace_after_write()
-                continue
-            now = trio.current_time()
-            if self._t0 is None or now >= self._t0 + self._n * self._ptime:
-                # Asterisk's queue has (by our clock) run dry: start a new timeline with a fresh lead.
-                if self._t0 is not None:
-                    self.stats.timeline_restarts += 1
-                self._t0 = now
-                self._n = 0
-            deadline = self._t0 + (self._n - self._config.lead_frames) * self._ptime
-            if deadline > now:
-                self._wake_scope = trio.CancelScope()
-                with self._wake_scope:
-                    await trio.sleep_until(deadline)
-                if self._wake_scope.cancelled_caught:
-                    continue  # flushed while waiting: start over with what is left
-            await self._send_due(max(deadline, self._t0))
+            await self._step()
+
+    async def _pace_absolute(self) -> None:
+        now = trio.current_time()
+        if self.t0 is None or now >= self.t0 + self.n * self._ptime:
+            # Asterisk's queue has (by our clock) run dry: start a new timeline with a fresh lead.
+            if self.t0 is not None:
+                self.stats.timeline_restarts += 1
+            self.t0 = now
+            self.n = 0
+        deadline = self.t0 + (self.n - self._config.lead_frames) * self._ptime
+        if deadline > now:
+            if not await self.alarm.wait_until(deadline):
+                return  # flushed while waiting: start over with what is left
+        else:
+            # Due already (the lead, or catching up): the send below need not yield, so yield here.
+            t0 = self.t0
+            await trio.lowlevel.checkpoint()
+            if self.t0 is not t0:
+                return  # flushed meanwhile: start over with what is left
+        await self.send_due(max(deadline, self.t0))
 
     async def _wait_for_bridge(self) -> None:
         waiting_from = trio.current_time()
@@ -222,22 +232,13 @@ class MediaSocket:
         self.stats.bridge_waited = trio.current_time() - waiting_from
         self.stats.bridge_seen = self._conn.bridged.is_set()
 
-    async def _pace_after_write(self) -> None:
-        """Benchmark baseline: write what is due, then sleep one ptime per frame beyond the lead."""
-        if self._t0 is None:
-            self._t0 = trio.current_time()
-        sent_before = self._n
-        # Lateness is still recorded against the absolute slot, so the sender's stats show the drift.
-        await self._send_due(self._t0 + max(0, self._n - self._config.lead_frames) * self._ptime)
-        beyond_lead = self._n - max(sent_before, self._config.lead_frames)
-        if beyond_lead > 0:
-            self._wake_scope = trio.CancelScope()
-            with self._wake_scope:
-                await trio.sleep(beyond_lead * self._ptime)
-
     async def _next_item(self) -> _Frame | _End:
         while not self._queue:
-            self._accept(await self._audio.receive())
+            try:
+                item = self._audio.receive_nowait()  # usually there: no scheduler round trip
+            except (trio.WouldBlock, trio.EndOfChannel):
+                item = await self._audio.receive()
+            self._accept(item)
         return self._queue[0]
 
     def _accept(self, item: AudioItem) -> None:
@@ -270,8 +271,15 @@ class MediaSocket:
             self._started.add(utterance)
         return _Frame(utterance, data, first)
 
-    async def _send_due(self, slot_time: float) -> None:
-        async with self._send_lock:
+    async def send_due(self, slot_time: float) -> None:
+        """Send the frames at the head of the queue (up to frames_per_message) as one message; its
+        lateness is counted against ``slot_time``. Advances ``n`` by the frames sent."""
+        # Uncontended (nearly always), the lock is taken without a scheduler round trip.
+        if self._send_lock.locked():
+            await self._send_lock.acquire()
+        else:
+            self._send_lock.acquire_nowait()
+        try:
             # Pull in whatever has arrived meanwhile so due frames can share one message.
             while len(self._queue) < self._max_batch:
                 try:
@@ -288,16 +296,22 @@ class MediaSocket:
                 self._queue.popleft()
             if not batch:
                 return
-            await self._conn.send_audio(b"".join(frame.data for frame in batch))
+            await self._conn.send_audio(b"".join([frame.data for frame in batch]))
             self.stats.lateness.record(trio.current_time() - slot_time)
             self.stats.messages_sent += 1
             self.stats.frames_sent += len(batch)
-            self._n += len(batch)
+            self.n += len(batch)
             for frame in batch:
                 if frame.first:
                     self._listener.on_first_frame(frame.utterance)
-            for utterance, frames in collections.Counter(frame.utterance for frame in batch).items():
-                self._listener.on_frames_sent(utterance, frames)
+            # Utterance numbers only grow along the queue: equal ends mean one utterance (nearly always).
+            if batch[0].utterance == batch[-1].utterance:
+                self._listener.on_frames_sent(batch[0].utterance, len(batch))
+            else:
+                for utterance, frames in collections.Counter(f.utterance for f in batch).items():
+                    self._listener.on_frames_sent(utterance, frames)
+        finally:
+            self._send_lock.release()
 
     # -- playout acknowledgement --------------------------------------------------------------------
 
@@ -312,7 +326,8 @@ class MediaSocket:
             return
         now = trio.current_time()
         # The last frame plays within one tick after the queued lead drains.
-        played_at = max(now, (self._t0 or now) + self._n * self._ptime) + self._ptime
+        start = now if self.t0 is None else self.t0  # not `t0 or now`: 0.0 is a time (MockClock's first)
+        played_at = max(now, start + self.n * self._ptime) + self._ptime
         self._playout_send.send_nowait((played_at, utterance))
 
     async def _serve_playout_clock(self) -> None:

@@ -16,6 +16,7 @@ import trio
 
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.events import EventSink, StopReason
+from tts_streamer.actors.pacer_clock import current_clock
 from tts_streamer.actors.session import Session, SessionConfig, SessionStartError
 from tts_streamer.adapters.chan_websocket.client import Dialer
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
@@ -181,6 +182,9 @@ class Supervisor:
     async def serving(self, stop_grace: float = 5.0) -> AsyncIterator[None]:
         """Run sessions for the body's duration; on exit every session is stopped cleanly, those not
         done within ``stop_grace`` seconds cancelled."""
+        # The process-wide pacer clock (a system task) starts with serving, not with the first session,
+        # so an idle daemon's task count includes it from the start.
+        current_clock()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:

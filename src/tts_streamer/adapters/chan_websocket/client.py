@@ -3,7 +3,9 @@
 ``open_media_connection`` dials the media URI offering the ``media`` subprotocol, waits (bounded) for
 MEDIA_START, then runs a reader task that always drains the socket (so pings are answered and Asterisk's
 writes never time out), tracks XOFF/XON and the bridge signal, and turns every transport failure into
-``MediaSocketError``. Leaving the context closes the socket normally (code 1000) under a shielded,
+``MediaSocketError``. A watchdog task per connection bounds every send (``MediaTimeouts.send``):
+a cancel scope around each send cost ~20 us per message, the watchdog one wake-up per timeout period.
+Leaving the context closes the socket normally (code 1000) under a shielded,
 bounded scope, which is what hangs up the external-media leg.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -18,7 +21,7 @@ import attrs
 import trio
 import trio_websocket
 
-from tts_streamer.adapters.chan_websocket import protocol
+from tts_streamer.adapters.chan_websocket import framing, protocol
 from tts_streamer.adapters.chan_websocket.protocol import (
     MAX_MESSAGE_PAYLOAD,
     Command,
@@ -96,6 +99,15 @@ class MediaConnection:
         self._resumed = trio.Event()
         self._resumed.set()
         self._mark_handlers: dict[str, Callable[[], None]] = {}
+        # Start times of the sends in progress, oldest first (trio-websocket's stream lock is FIFO).
+        self._sending_since: list[float] = []
+        self._masking_keys = framing.MaskingKeys()
+        # Audio frames are built here and written under trio-websocket's own stream lock (so they
+        # never interleave with its pongs or close frame); anything else that looks like a
+        # WebSocketConnection (a test double) gets them through send_message.
+        self._raw = isinstance(getattr(ws, "_stream_lock", None), trio.StrictFIFOLock) and hasattr(
+            ws, "_stream"
+        )
 
     @property
     def paused(self) -> bool:
@@ -116,7 +128,10 @@ class MediaConnection:
     async def send_audio(self, payload: bytes) -> None:
         if len(payload) > MAX_MESSAGE_PAYLOAD:
             raise ValueError(f"audio message of {len(payload)} bytes exceeds {MAX_MESSAGE_PAYLOAD}")
-        await self._send(payload)
+        if self._raw:
+            await self._send_frame(framing.binary_frame(payload, self._masking_keys.next()))
+        else:
+            await self._send(payload)
         self.stats.messages_sent += 1
         self.stats.bytes_sent += len(payload)
 
@@ -125,13 +140,78 @@ class MediaConnection:
         self.stats.commands_sent += 1
 
     async def _send(self, message: bytes | str) -> None:
+        started = trio.current_time()
+        self._sending_since.append(started)
         try:
-            with trio.fail_after(self._timeouts.send):
-                await self._ws.send_message(message)
-        except trio.TooSlowError:
-            raise MediaSocketError(f"send blocked for more than {self._timeouts.send} s") from None
+            await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from None
+        finally:
+            self._sending_since.remove(started)
+
+    async def _send_frame(self, frame: bytes) -> None:
+        """Write one pre-built frame as trio-websocket's own ``_send`` would (its checks, its lock).
+
+        When the stream lock is free and the stream is a real socket, the frame goes to the
+        (non-blocking) socket at once: no scheduler round trip for the lock or for trio's send_all.
+        Only what the kernel did not take is then written the usual way, still under the lock, so
+        nothing can come between a frame's two parts. The caller's loop has its own checkpoint.
+        """
+        ws = self._ws
+        if ws._close_reason:  # set before trio-websocket writes its close frame; data never follows it
+            raise _closed(trio_websocket.ConnectionClosed(ws._close_reason))
+        lock = ws._stream_lock
+        sock = _raw_socket(ws._stream)
+        if sock is None or lock.locked():
+            await self._send_frame_locked(frame, 0)
+            return
+        lock.acquire_nowait()
+        try:
+            try:
+                sent = sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent < len(frame):
+                # The kernel's buffer is full (or the socket failed): trio's send_all waits or raises.
+                await self._send_frame_locked(frame, max(0, sent), locked=True)
+        finally:
+            lock.release()
+
+    async def _send_frame_locked(self, frame: bytes, offset: int, *, locked: bool = False) -> None:
+        ws = self._ws
+        started = trio.current_time()
+        self._sending_since.append(started)
+        try:
+            if locked:
+                await ws._stream.send_all(memoryview(frame)[offset:])
+            else:
+                async with ws._stream_lock:
+                    await ws._stream.send_all(memoryview(frame)[offset:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise _closed(trio_websocket.ConnectionClosed(ws._close_reason)) from None
+        finally:
+            self._sending_since.remove(started)
+
+    async def serve_send_watchdog(self) -> None:
+        """Raise MediaSocketError once a send has been in progress for the send timeout.
+
+        Raised in the connection's nursery, it cancels the stalled send with everything else inside
+        the connection and leaves ``open_media_connection`` as that error, as a failed send would.
+        A send seen at one check is caught at exactly its deadline: checks are at most ``limit`` apart.
+        """
+        limit = self._timeouts.send
+        while True:
+            now = trio.current_time()
+            if not self._sending_since:
+                await trio.sleep_until(now + limit)
+                continue
+            deadline = self._sending_since[0] + limit
+            if now >= deadline:
+                raise MediaSocketError(f"send blocked for more than {limit} s")
+            await trio.sleep_until(deadline)
 
     async def serve_reader(self) -> None:
         """Drain the socket until it closes; raises MediaSocketClosed when the peer ends it."""
@@ -172,6 +252,14 @@ class MediaConnection:
     @property
     def connection_id(self) -> str:
         return self.media_start.connection_id
+
+
+def _raw_socket(stream: object) -> socket.socket | None:
+    """The stdlib socket under a plain trio SocketStream (None for TLS, memory streams, doubles)."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    raw = getattr(stream.socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> MediaSocketClosed:
@@ -243,6 +331,9 @@ async def open_media_connection(
                 conn = MediaConnection(ws, media_start, timeouts)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.serve_reader, name=f"media-reader[{media_start.connection_id}]")
+                    nursery.start_soon(
+                        conn.serve_send_watchdog, name=f"media-watchdog[{media_start.connection_id}]"
+                    )
                     try:
                         yield conn
                     finally:
