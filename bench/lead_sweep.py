@@ -272,9 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_runs(points, args.sessions, args.seconds)
     text = render(cpu, stalls, args.sessions)
     print(text)
-    if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{date.today().isoformat()}-lead-sweep.md").write_text(text)
+    if args.quick:
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{date.today().isoformat()}-lead-sweep.md").write_text(text)
+    shipped = PacingConfig()
+    if choose(cpu, stalls) != (shipped.lead_frames, shipped.frames_per_message):
+        print("FAIL: the rule chose other defaults than PacingConfig ships", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -272,6 +272,9 @@ def render(
             "",
             report.sweep_table(sweep),
             "",
+            "A real-time check of the old and the shipped points under this run's load. The shipped "
+            "defaults are chosen by bench/lead_sweep.py's rule (its own results file), not by this table.",
+            "",
         ]
         out += ["- " + line for line in tg.recommend(sweep)]
     out += ["", "## Definitions", "", (an.__doc__ or "").strip().split("\n\n", 1)[-1]]
