@@ -1,0 +1,167 @@
+"""Acks and replies handed from Trio to aio-pika in batches, without a Trio->asyncio crossing each.
+
+Through ``trio_asyncio.aio_as_trio`` every ack and every reply was a crossing of its own (an asyncio
+task, a Trio wait, a ``fail_after``) and every reply held its lane until the broker confirmed it: at
+450-550 requests/s the daemon spent most of its time in that machinery, not in the requests (py-spy,
+bench/amqp_latency.py). Here the Trio side only appends: ``ack`` and ``reply`` are synchronous. The first
+append after an idle spell starts one asyncio task (the *flush*) that writes everything queued by then,
+acks first, then replies, in the order they were handed over; whatever is appended while it runs goes in
+the same task's next round.
+
+- An ack is written without waiting (``basic_ack`` only writes a frame: the broker never answers it),
+  on the channel its delivery came on; a delivery whose channel is gone was requeued by the broker and
+  comes back marked redelivered, which the command plane drops, so an ack lost there cannot make a
+  request run twice.
+- A reply is published exactly once (no retry: a lost confirm does not mean a lost message) with the
+  same frames ``aio_pika.Exchange.publish`` writes (mandatory, transient, ``text/plain``, the
+  correlation id copied; tests/test_amqp_outbox.py compares the bytes), and its confirm is awaited in a
+  task of its own, so replies are pipelined: none waits for the confirm of another, and no lane waits
+  for its reply's confirm before taking up its next request. ``done`` is called with None once the
+  broker confirmed, or with the ``AmqpUnavailable``/``AmqpRefused`` that stopped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+import attrs
+from aiormq.abc import AbstractChannel
+
+log = logging.getLogger(__name__)
+
+ReplyDone = Callable[[Exception | None], None]
+ErrorMapper = Callable[[BaseException], Exception]
+
+
+def reply_properties(correlation_id: str | None) -> aiormq.spec.Basic.Properties:
+    """What ``aio_pika.Message(body, content_type="text/plain", correlation_id=...,
+    delivery_mode=NOT_PERSISTENT).properties`` is, without building a Message per reply."""
+    return aiormq.spec.Basic.Properties(
+        content_type="text/plain",
+        correlation_id=correlation_id,
+        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        headers={},
+        priority=0,
+    )
+
+
+@attrs.define(eq=False)
+class _Reply:
+    routing_key: str
+    body: bytes
+    correlation_id: str | None
+    done: ReplyDone
+
+
+@attrs.define(eq=False)
+class Outbox:
+    """Owned by the bridge; ``channel`` returns the channel to publish on (None: none now)."""
+
+    loop: asyncio.AbstractEventLoop
+    channel: Callable[[], aio_pika.abc.AbstractChannel | None]
+    timeout: float
+    map_error: ErrorMapper
+    acks_written: int = 0
+    flushes: int = 0  # asyncio tasks started: acks_written + replies per flush is the batching achieved
+    _acks: list[tuple[AbstractChannel, int]] = attrs.field(factory=list)
+    _replies: list[_Reply] = attrs.field(factory=list)
+    _flushing: bool = False
+    _tasks: set[asyncio.Task[Any]] = attrs.field(factory=set)
+
+    def ack(self, channel: AbstractChannel, delivery_tag: int) -> None:
+        self._acks.append((channel, delivery_tag))
+        self._kick()
+
+    def reply(self, routing_key: str, body: bytes, correlation_id: str | None, done: ReplyDone) -> None:
+        self._replies.append(_Reply(routing_key, body, correlation_id, done))
+        self._kick()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing waiting for a confirm."""
+        return not (self._acks or self._replies or self._tasks)
+
+    def _kick(self) -> None:
+        if not self._flushing:
+            self._flushing = True
+            self._start(self._flush())
+
+    def _start(self, coroutine: Any) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        self.flushes += 1
+        try:
+            while self._acks or self._replies:
+                acks, self._acks = self._acks, []
+                for channel, tag in acks:
+                    await self._ack(channel, tag)
+                replies, self._replies = self._replies, []
+                channel = await self._underlay() if replies else None
+                for reply in replies:
+                    if channel is None or channel.is_closed:
+                        _call(reply.done, self.map_error(RuntimeError("channel closed")))
+                    else:
+                        self._start(self._publish(channel, reply))
+        finally:
+            # No await between the last emptiness check and this: an append after it starts a flush.
+            self._flushing = False
+
+    async def _underlay(self) -> AbstractChannel | None:
+        channel = self.channel()
+        if channel is None or channel.is_closed:
+            return None
+        try:
+            return await channel.get_underlay_channel()  # what aio_pika.Exchange.publish publishes on
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return None
+
+    async def _ack(self, channel: AbstractChannel, tag: int) -> None:
+        if channel.is_closed:
+            log.debug("ack of delivery %d dropped: its channel is gone (the broker requeued it)", tag)
+            return
+        try:
+            # The write queue is bounded (aiormq's frame buffer): this waits only while the socket does.
+            await channel.basic_ack(tag, wait=False)
+            self.acks_written += 1
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+            log.debug("ack of delivery %d failed: %s", tag, exc)
+
+    async def _publish(self, channel: AbstractChannel, reply: _Reply) -> None:
+        try:
+            await channel.basic_publish(
+                reply.body,
+                exchange="",
+                routing_key=reply.routing_key,
+                properties=reply_properties(reply.correlation_id),
+                mandatory=True,
+                timeout=self.timeout,
+                # Not waiting for the socket to drain: that wait is under the channel's lock, so it
+                # made publishes one per writer round-trip of the loop; the confirm says more anyway.
+                wait=False,
+            )
+        except (asyncio.CancelledError, Exception) as exc:
+            _call(reply.done, self.map_error(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            _call(reply.done, None)
+
+    def cancel(self) -> None:
+        """The bridge is closing: whatever is still waiting for a confirm is given up."""
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _call(done: ReplyDone, error: Exception | None) -> None:
+    try:
+        done(error)
+    except Exception:
+        log.exception("reply callback failed")
