@@ -386,6 +386,32 @@ class AmqpBridge:
         return on_message
 
 
+CALLBACK_BATCH = 100  # asyncio callbacks run per Trio scheduling turn of the loop, at most
+
+
+def _batch_callbacks(loop: asyncio.AbstractEventLoop, budget: int = CALLBACK_BATCH) -> None:
+    """Make the trio-asyncio loop run the asyncio callbacks already queued in one Trio turn.
+
+    trio-asyncio's loop task takes one callback per turn (``_main_loop_one``: a cancel scope and a
+    channel receive that yields to Trio, so an epoll and a scheduler pass), and an AMQP delivery, ack
+    or confirmed publish is a dozen callbacks: that, not aio-pika, was most of the command plane's CPU
+    time. Running what is queued now (``budget`` at most, then Trio runs again) with trio-asyncio's
+    own ``_main_loop_one(no_wait=True)`` keeps its semantics (timers, Trio-flavoured handles, stop)
+    and cut the CPU per confirmed publish about threefold (bench/NOTES.md).
+    """
+    one = loop._main_loop_one  # type: ignore[attr-defined]
+    queue: trio.MemoryReceiveChannel[object] = loop._q_recv  # type: ignore[attr-defined]
+
+    async def batched(no_wait: bool = False) -> None:
+        await one(no_wait)
+        for _ in range(budget):
+            if loop._stopped.is_set() or not queue.statistics().current_buffer_used:  # type: ignore[attr-defined]
+                return
+            await one(no_wait=True)
+
+    loop._main_loop_one = batched  # type: ignore[attr-defined]
+
+
 def _unavailable(exc: BaseException, timeout: float) -> AmqpUnavailable:
     """What an aio-pika failure means to the daemon (``AmqpRefused`` is one kind)."""
     if isinstance(exc, aio_pika.exceptions.DeliveryError | aio_pika.exceptions.ChannelPreconditionFailed):
@@ -430,6 +456,7 @@ async def open_amqp_bridge(
     """
     conflict: TopologyConflict | None = None
     async with trio_asyncio.open_loop() as loop:
+        _batch_callbacks(loop)
         connection = await _connect(url, retry_every)
         probe = QueueProbe(url, broker_timeout)
         bridge = AmqpBridge(connection, broker_timeout, probe, loop)

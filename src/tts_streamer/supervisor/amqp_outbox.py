@@ -8,8 +8,8 @@ append after an idle spell starts one asyncio task (the *flush*) that writes eve
 acks first, then replies, in the order they were handed over; whatever is appended while it runs goes in
 the same task's next round.
 
-- An ack is written without waiting (``basic_ack`` only writes a frame: the broker never answers it),
-  on the channel its delivery came on; a delivery whose channel is gone was requeued by the broker and
+- Acks are written without waiting (the broker never answers one), all of a batch's in one write per
+  channel, on the channel their deliveries came on; a delivery whose channel is gone was requeued by the broker and
   comes back marked redelivered, which the command plane drops, so an ack lost there cannot make a
   request run twice.
 - A reply is published exactly once (no retry: a lost confirm does not mean a lost message) with the
@@ -30,7 +30,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import attrs
-from aiormq.abc import AbstractChannel
+from aiormq.abc import AbstractChannel, ChannelFrame
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ class Outbox:
         try:
             while self._acks or self._replies:
                 acks, self._acks = self._acks, []
-                for channel, tag in acks:
-                    await self._ack(channel, tag)
+                await self._write_acks(acks)
                 replies, self._replies = self._replies, []
                 channel = await self._underlay() if replies else None
                 for reply in replies:
@@ -123,16 +122,26 @@ class Outbox:
         except aiormq.exceptions.ChannelInvalidStateError:
             return None
 
-    async def _ack(self, channel: AbstractChannel, tag: int) -> None:
-        if channel.is_closed:
-            log.debug("ack of delivery %d dropped: its channel is gone (the broker requeued it)", tag)
-            return
-        try:
-            # The write queue is bounded (aiormq's frame buffer): this waits only while the socket does.
-            await channel.basic_ack(tag, wait=False)
-            self.acks_written += 1
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-            log.debug("ack of delivery %d failed: %s", tag, exc)
+    async def _write_acks(self, acks: list[tuple[AbstractChannel, int]]) -> None:
+        """The batch's acks as one write per channel: the ``basic.ack`` frames ``basic_ack`` would
+        write one by one (one socket write and one writer wake-up each), concatenated."""
+        by_channel: dict[AbstractChannel, list[int]] = {}
+        for channel, tag in acks:
+            by_channel.setdefault(channel, []).append(tag)
+        for channel, tags in by_channel.items():
+            if channel.is_closed:
+                log.debug("%d acks dropped: their channel is gone (the broker requeued them)", len(tags))
+                continue
+            frame = ChannelFrame.marshall(
+                channel_number=channel.number,
+                frames=[aiormq.spec.Basic.Ack(delivery_tag=tag) for tag in tags],
+            )
+            try:
+                # The write queue is bounded (aiormq's frame buffer): this waits only while the socket does.
+                await channel.write_queue.put(frame)  # type: ignore[attr-defined]
+                self.acks_written += len(tags)
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+                log.debug("%d acks failed: %s", len(tags), exc)
 
     async def _publish(self, channel: AbstractChannel, reply: _Reply) -> None:
         try:
