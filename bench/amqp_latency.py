@@ -317,15 +317,18 @@ async def measure(
         await trio.sleep(1.0)  # let the previous run's backlog and audio settle
         cpu_before = process_cpu_seconds(pid)
         generators_cpu = math.nan
+        pipelined: tuple[list[float], int, float]
         if options.publishers > 0:
-            *pipelined, generators_cpu = await process_load(
+            got, lost, seconds, generators_cpu = await process_load(
                 url, pod_queue, targets, options.requests, rate, options.publishers, options.kind
             )
+            pipelined = (got, lost, seconds)
         else:
-            pipelined = list(await pipelined_load(caller, pod_queue, targets, options.requests, rate))
+            pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
         daemon_cpu = process_cpu_seconds(pid) - cpu_before
-        report(f"{label} at {rate:.0f}/s", *pipelined, options.requests)  # type: ignore[arg-type]
-        answered = max(1, len(pipelined[0]))  # type: ignore[arg-type]
+        latencies, failures, seconds = pipelined
+        report(f"{label} at {rate:.0f}/s", latencies, failures, seconds, options.requests)
+        answered = max(1, len(latencies))
         print(
             f"  daemon CPU {daemon_cpu * 1e6 / answered:.0f} us/request ({daemon_cpu:.2f} s)"
             + (

@@ -49,7 +49,7 @@ async def generate(job: dict[str, Any]) -> dict[str, Any]:
     connection = await aiormq.connect(job["url"])
     channel = await connection.channel(publisher_confirms=False)
     declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
-    reply_queue = declared.queue
+    reply_queue = declared.queue or ""
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
     statuses: dict[int, int] = {}

@@ -174,22 +174,21 @@ class AmqpBridge:
         self._outbox.ack(channel, message.delivery_tag)
         return True
 
-    def reply(
-        self, routing_key: str, body: bytes, *, correlation_id: str | None, done: ReplyDone
-    ) -> None:
+    def reply(self, routing_key: str, body: bytes, *, correlation_id: str | None, done: ReplyDone) -> None:
         """Publish a reply (as ``publish`` would, once) without waiting: ``done(None)`` once the broker
         confirmed it, ``done(error)`` (``AmqpUnavailable``/``AmqpRefused``) if it did not."""
         if self._outbox is None:
             raise RuntimeError("reply() needs the bridge of open_amqp_bridge")
         self._outbox.reply(routing_key, body, correlation_id, self._count_reply(done))
 
-    async def _settle_outbox(self, timeout: float) -> None:
+    async def _settle_outbox(self, grace: float) -> None:
         """Closing: let queued acks and replies out and their confirms in (bounded), then give up."""
         outbox = self._outbox
         if outbox is None:
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-            while not outbox.idle and self.connected:
+        with trio.CancelScope(shield=True), trio.move_on_after(grace):
+            # Polled: the state is asyncio's (confirm tasks), and this runs once, at close.
+            while not outbox.idle and self.connected:  # noqa: ASYNC110
                 await trio.sleep(0.005)
         outbox.cancel()
 

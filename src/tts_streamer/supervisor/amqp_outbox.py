@@ -9,9 +9,9 @@ acks first, then replies, in the order they were handed over; whatever is append
 the same task's next round.
 
 - Acks are written without waiting (the broker never answers one), all of a batch's in one write per
-  channel, on the channel their deliveries came on; a delivery whose channel is gone was requeued by the broker and
-  comes back marked redelivered, which the command plane drops, so an ack lost there cannot make a
-  request run twice.
+  channel, on the channel their deliveries came on; a delivery whose channel is gone was requeued by
+  the broker and comes back marked redelivered, which the command plane drops, so an ack lost there
+  cannot make a request run twice.
 - A reply is published exactly once (no retry: a lost confirm does not mean a lost message) with the
   same frames ``aio_pika.Exchange.publish`` writes (mandatory, transient, ``text/plain``, the
   correlation id copied; tests/test_amqp_outbox.py compares the bytes), and its confirm is awaited in a
@@ -155,7 +155,7 @@ class Outbox:
                 # Not waiting for the socket to drain: that wait is under the channel's lock, so it
                 # made publishes one per writer round-trip of the loop; the confirm says more anyway.
                 wait=False,
-            )
+            )  # type: ignore[call-arg]  # aiormq's Channel has it; its AbstractChannel does not
         except (asyncio.CancelledError, Exception) as exc:
             _call(reply.done, self.map_error(exc))
             if isinstance(exc, asyncio.CancelledError):
