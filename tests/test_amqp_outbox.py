@@ -32,10 +32,9 @@ from tts_streamer.supervisor.amqp_bridge import (
     AmqpUnavailable,
     QueueSpec,
     Topology,
-    _batch_callbacks,
     open_amqp_bridge,
 )
-from tts_streamer.supervisor.amqp_outbox import reply_properties
+from tts_streamer.supervisor.amqp_outbox import batch_callbacks, reply_properties
 from tts_streamer.supervisor.command_plane import CommandPlane, RouteCall
 
 __all__ = ["private_amqp_url"]
@@ -66,7 +65,7 @@ async def test_queued_asyncio_callbacks_run_in_one_trio_turn_but_bounded() -> No
     """Without the batching each asyncio callback costs a Trio turn (a jump of 1 per checkpoint here);
     with it a turn runs what is queued, at most ``budget``, and Trio tasks still run in between."""
     async with trio_asyncio.open_loop() as loop:
-        _batch_callbacks(loop, budget=50)
+        batch_callbacks(loop, budget=50)
         ran: list[int] = []
         for index in range(400):
             loop.call_soon(ran.append, index)

@@ -13,6 +13,9 @@ With ``Topology.manual_ack`` deliveries are not acknowledged on receipt: the con
 batch), so the prefetch window bounds what waits in memory
 and everything else waits in the broker (where a queue's message TTL applies).
 
+(Over the ~400 lines of the house rule: the connection, topology, consumers, publishes and RPC are one
+resource with one lifetime; the batching that is not about that lifetime lives in amqp_outbox.py.)
+
 A declaration the broker refuses because an object of that name exists with other properties (406
 PRECONDITION_FAILED) raises ``TopologyConflict``, a ``ConfigError``: re-declaring cannot fix it, so the
 daemon stops with the broker's reason instead of retrying.
@@ -35,7 +38,7 @@ import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from tts_streamer.supervisor.amqp_outbox import Outbox, ReplyDone
+from tts_streamer.supervisor.amqp_outbox import Outbox, ReplyDone, batch_callbacks
 from tts_streamer.supervisor.config import ConfigError
 from tts_streamer.supervisor.queue_probe import QueueProbe
 
@@ -385,32 +388,6 @@ class AmqpBridge:
         return on_message
 
 
-CALLBACK_BATCH = 100  # asyncio callbacks run per Trio scheduling turn of the loop, at most
-
-
-def _batch_callbacks(loop: asyncio.AbstractEventLoop, budget: int = CALLBACK_BATCH) -> None:
-    """Make the trio-asyncio loop run the asyncio callbacks already queued in one Trio turn.
-
-    trio-asyncio's loop task takes one callback per turn (``_main_loop_one``: a cancel scope and a
-    channel receive that yields to Trio, so an epoll and a scheduler pass), and an AMQP delivery, ack
-    or confirmed publish is a dozen callbacks: that, not aio-pika, was most of the command plane's CPU
-    time. Running what is queued now (``budget`` at most, then Trio runs again) with trio-asyncio's
-    own ``_main_loop_one(no_wait=True)`` keeps its semantics (timers, Trio-flavoured handles, stop)
-    and cut the CPU per confirmed publish about threefold (bench/NOTES.md).
-    """
-    one = loop._main_loop_one  # type: ignore[attr-defined]
-    queue: trio.MemoryReceiveChannel[object] = loop._q_recv  # type: ignore[attr-defined]
-
-    async def batched(no_wait: bool = False) -> None:
-        await one(no_wait)
-        for _ in range(budget):
-            if loop._stopped.is_set() or not queue.statistics().current_buffer_used:  # type: ignore[attr-defined]
-                return
-            await one(no_wait=True)
-
-    loop._main_loop_one = batched  # type: ignore[attr-defined]
-
-
 def _unavailable(exc: BaseException, timeout: float) -> AmqpUnavailable:
     """What an aio-pika failure means to the daemon (``AmqpRefused`` is one kind)."""
     if isinstance(exc, aio_pika.exceptions.DeliveryError | aio_pika.exceptions.ChannelPreconditionFailed):
@@ -455,7 +432,7 @@ async def open_amqp_bridge(
     """
     conflict: TopologyConflict | None = None
     async with trio_asyncio.open_loop() as loop:
-        _batch_callbacks(loop)
+        batch_callbacks(loop)
         connection = await _connect(url, retry_every)
         probe = QueueProbe(url, broker_timeout)
         bridge = AmqpBridge(connection, broker_timeout, probe, loop)
