@@ -255,11 +255,13 @@ async def process_load(
     return latencies, failures, sending, sum(result["cpu_seconds"] for result in results)
 
 
-def report(label: str, latencies: list[float], failures: int, seconds: float, requests: int) -> None:
+def report(
+    label: str, latencies: list[float], failures: int, seconds: float, requests: int, what: str = "say_add"
+) -> None:
     ordered = sorted(latencies)
     ms = [value * 1000 for value in ordered]
     print(
-        f"{label}: {requests} say_add in {seconds:.2f} s ({requests / seconds:.0f}/s achieved), "
+        f"{label}: {requests} {what} in {seconds:.2f} s ({requests / seconds:.0f}/s achieved), "
         f"{len(ordered)} answered, {failures} failed or unanswered"
     )
     if ms:
@@ -327,7 +329,7 @@ async def measure(
             pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
         daemon_cpu = process_cpu_seconds(pid) - cpu_before
         latencies, failures, seconds = pipelined
-        report(f"{label} at {rate:.0f}/s", latencies, failures, seconds, options.requests)
+        report(f"{label} at {rate:.0f}/s", latencies, failures, seconds, options.requests, options.kind)
         answered = max(1, len(latencies))
         print(
             f"  daemon CPU {daemon_cpu * 1e6 / answered:.0f} us/request ({daemon_cpu:.2f} s)"
