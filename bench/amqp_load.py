@@ -27,16 +27,14 @@ from typing import Any
 import aiormq
 from pamqp import commands as spec
 
-from tts_streamer.adapters.voipbin import envelope
+from tts_streamer.adapters.voipbin.envelope import make_request, render_request
 
 
 def request_body(kind: str, sid: str, message_id: str, index: int) -> bytes:
     if kind == "get":
-        return envelope.render_request(
-            envelope.make_request(f"/v1/streamings/{sid}", "GET", publisher="bench")
-        )
-    return envelope.render_request(
-        envelope.make_request(
+        return render_request(make_request(f"/v1/streamings/{sid}", "GET", publisher="bench"))
+    return render_request(
+        make_request(
             f"/v1/streamings/{sid}/say_add",
             "POST",
             {"message_id": message_id, "text": f"word {index}. "},
