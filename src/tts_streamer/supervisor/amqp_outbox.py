@@ -192,14 +192,17 @@ def batch_callbacks(loop: asyncio.AbstractEventLoop, budget: int = CALLBACK_BATC
         log.warning("this trio-asyncio has other internals: asyncio callbacks not batched")
         return
     one = loop._main_loop_one  # type: ignore[attr-defined]
-    queue: trio.MemoryReceiveChannel[object] = loop._q_recv  # type: ignore[attr-defined]
 
     async def batched(no_wait: bool = False) -> None:
         await one(no_wait)
         for _ in range(budget):
-            if loop._stopped.is_set() or not queue.statistics().current_buffer_used:  # type: ignore[attr-defined]
+            if loop._stopped.is_set():  # type: ignore[attr-defined]
                 return
-            await one(no_wait=True)
+            try:
+                # Nothing queued: its receive_nowait raises before touching any state.
+                await one(no_wait=True)
+            except trio.WouldBlock:
+                return
 
     loop._main_loop_one = batched  # type: ignore[attr-defined]
 
