@@ -20,8 +20,16 @@ to the arrival of its reply:
   250, 500 and 1000/s), so the report shows where the pod saturates: past it, requests wait in the
   broker, latency grows by the backlog, and per-pod requests older than 3 s expire unanswered.
 
+With ``--publishers N`` (default 2) the pipelined runs are sent by N generator processes of their own
+(``bench/amqp_load.py``: plain asyncio on aiormq), so the figures are the daemon's, not this
+process's: here the caller shares one loop with the simulator and the fake call-manager and cannot
+itself offer 1,000/s on a loaded 2-core machine (``--publishers 0`` keeps it in this process).
+``--kind get`` sends GET ``/v1/streamings/<id>`` (no session command) instead of say_add.
+
 Each run reports the achieved rate, how many requests were answered, failed (non-200) or left
-unanswered, and p50/p90/p99/max of the latency. The load average is printed too: on a shared
+unanswered, and p50/p90/p99/max of the latency, then the daemon's CPU time per request (user +
+system from ``/proc``, over the run: a figure that depends far less on the machine's load than the
+latencies do) and the generators'. The load average is printed too: on a shared
 machine the figures are only comparable at a similar load.
 
 By default it runs in a temporary vhost (made with ``rabbitmqctl`` when that works), so tests or
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import math
 import os
 import subprocess
@@ -190,11 +199,69 @@ async def pipelined_load(
     return latencies, failures + len(sent_at), elapsed
 
 
-def report(label: str, latencies: list[float], failures: int, seconds: float, requests: int) -> None:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def process_load(
+    url: str,
+    pod_queue: str,
+    targets: list[tuple[str, str]],
+    requests: int,
+    rate: float,
+    publishers: int,
+    kind: str = "say_add",
+) -> tuple[list[float], int, float, float]:
+    """The pipelined load from ``publishers`` generator processes (bench/amqp_load.py) sharing one
+    schedule; (latencies, failures, seconds, generators' CPU seconds)."""
+    start_at = time.time() + 1.5  # interpreter start-up and connection of every generator first
+    results: list[dict[str, Any]] = []
+
+    async def one(offset: int) -> None:
+        job = {
+            "url": url,
+            "queue": pod_queue,
+            "targets": targets,
+            "requests": len(range(offset, requests, publishers)),
+            "rate": rate,
+            "offset": offset,
+            "step": publishers,
+            "kind": kind,
+            "start_at": start_at,
+            "wait": 5.0,
+        }
+        done = await trio.run_process(
+            [sys.executable, "-m", "bench.amqp_load"],
+            stdin=json.dumps(job).encode(),
+            capture_stdout=True,
+            check=True,
+        )
+        results.append(json.loads(done.stdout))
+
+    async with trio.open_nursery() as nursery:
+        for offset in range(publishers):
+            nursery.start_soon(one, offset)
+    latencies = [value for result in results for value in result["latencies"]]
+    statuses: collections.Counter[int] = collections.Counter()
+    for result in results:
+        statuses.update({int(code): count for code, count in result["statuses"].items()})
+    if statuses:
+        print(f"  error replies by status: {dict(statuses)}")
+    failures = sum(statuses.values()) + sum(result["unanswered"] for result in results)
+    sending = max(result["sending_seconds"] for result in results)
+    return latencies, failures, sending, sum(result["cpu_seconds"] for result in results)
+
+
+def report(
+    label: str, latencies: list[float], failures: int, seconds: float, requests: int, what: str = "say_add"
+) -> None:
     ordered = sorted(latencies)
     ms = [value * 1000 for value in ordered]
     print(
-        f"{label}: {requests} say_add in {seconds:.2f} s ({requests / seconds:.0f}/s achieved), "
+        f"{label}: {requests} {what} in {seconds:.2f} s ({requests / seconds:.0f}/s achieved), "
         f"{len(ordered)} answered, {failures} failed or unanswered"
     )
     if ms:
@@ -246,10 +313,34 @@ async def measure(
         caller, pod_queue, targets, options.go_style_requests, options.go_style_rate, options.concurrency
     )
     report(f"go-style at {options.go_style_rate:.0f}/s", *go_style, options.go_style_requests)
+    pid = daemon.process.pid
+    label = "pipelined" if options.kind == "say_add" else f"pipelined {options.kind}"
     for rate in options.rates:
         await trio.sleep(1.0)  # let the previous run's backlog and audio settle
-        pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
-        report(f"pipelined at {rate:.0f}/s", *pipelined, options.requests)
+        cpu_before = process_cpu_seconds(pid)
+        generators_cpu = math.nan
+        pipelined: tuple[list[float], int, float]
+        if options.publishers > 0:
+            got, lost, seconds, generators_cpu = await process_load(
+                url, pod_queue, targets, options.requests, rate, options.publishers, options.kind
+            )
+            pipelined = (got, lost, seconds)
+        else:
+            pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
+        daemon_cpu = process_cpu_seconds(pid) - cpu_before
+        latencies, failures, seconds = pipelined
+        report(f"{label} at {rate:.0f}/s", latencies, failures, seconds, options.requests, options.kind)
+        answered = max(1, len(latencies))
+        print(
+            f"  daemon CPU {daemon_cpu * 1e6 / answered:.0f} us/request ({daemon_cpu:.2f} s)"
+            + (
+                f", generators {generators_cpu * 1e6 / answered:.0f} us/request "
+                f"({options.publishers} processes)"
+                if options.publishers > 0
+                else ", generator in this process"
+            )
+            + f"; load average {os.getloadavg()[0]:.2f}"
+        )
     for sid, _ in targets:
         await call(caller, SHARED_QUEUE, f"/v1/streamings/{sid}", "DELETE")
 
@@ -275,6 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=50.0,
         help="go-style calls per second (each costs this process ~9 ms of CPU: keep it well below 100)",
+    )
+    parser.add_argument(
+        "--publishers",
+        type=int,
+        default=2,
+        help="generator processes for the pipelined runs (bench/amqp_load.py); 0: send from this process",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=["say_add", "get"],
+        default="say_add",
+        help="pipelined request: say_add on a live streaming, or GET of it (no session command)",
     )
     parser.add_argument("--streamings", type=int, default=20, help="live streamings the say_adds go to")
     parser.add_argument(

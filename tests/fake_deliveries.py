@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -146,6 +146,17 @@ class FakeBroker:
     ) -> None:
         await trio.lowlevel.checkpoint()
         self.replies.append((routing_key, envelope.parse_response(body), trio.current_time()))
+
+    def reply(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        correlation_id: str | None,
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        self.replies.append((routing_key, envelope.parse_response(body), trio.current_time()))
+        done(None)
 
     async def rpc(
         self, routing_key: str, body: bytes, *, exchange: str = "", headers: Mapping[str, Any] | None = None

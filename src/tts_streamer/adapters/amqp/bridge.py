@@ -2,13 +2,19 @@
 
 ``open_amqp_bridge`` keeps a robust connection (reconnecting and re-declaring by itself), consumes the
 configured queues into a Trio channel of ``Delivery`` objects, publishes with publisher confirms under a
-timeout, and runs request/reply calls over one exclusive reply queue with correlation ids. Every
+timeout, and runs request/reply calls over one exclusive reply queue with correlation ids. Acks and
+replies to requests, the per-request traffic, go through ``Outbox`` (adapters/amqp/outbox.py) in
+batches instead of one Trio->asyncio crossing each. Every
 aio-pika failure surfaces as ``AmqpUnavailable`` (``AmqpRefused`` when the broker took the publish but
 refused that message); nothing else in the daemon imports aio_pika.
 
 With ``Topology.manual_ack`` deliveries are not acknowledged on receipt: the consumer of
-``deliveries`` calls ``ack`` when it takes one up, so the prefetch window bounds what waits in memory
+``deliveries`` calls ``ack`` when it takes one up (it returns at once; the frame follows in the next
+batch), so the prefetch window bounds what waits in memory
 and everything else waits in the broker (where a queue's message TTL applies).
+
+(Over the ~400 lines of the house rule: the connection, topology, consumers, publishes and RPC are one
+resource with one lifetime; the batching that is not about that lifetime lives in amqp_outbox.py.)
 
 A declaration the broker refuses because an object of that name exists with other properties (406
 PRECONDITION_FAILED) raises ``TopologyConflict``, a ``ConfigError``: re-declaring cannot fix it, so the
@@ -32,6 +38,7 @@ import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from tts_streamer.adapters.amqp.outbox import Outbox, ReplyDone, batch_callbacks
 from tts_streamer.adapters.amqp.queue_probe import QueueProbe
 from tts_streamer.exceptions import ConfigError
 
@@ -103,9 +110,19 @@ class BridgeStats:
 
 class AmqpBridge:
     def __init__(
-        self, connection: AbstractRobustConnection, timeout: float, probe: QueueProbe | None = None
+        self,
+        connection: AbstractRobustConnection,
+        timeout: float,
+        probe: QueueProbe | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.stats = BridgeStats()
+        # The trio-asyncio loop (open_amqp_bridge passes it); None only for a bridge built outside one.
+        self._outbox = (
+            None
+            if loop is None
+            else Outbox(loop, lambda: self._channel, timeout, lambda exc: _unavailable(exc, timeout))
+        )
         self._probe = probe
         self.deliveries: trio.MemoryReceiveChannel[Delivery]
         self._connection = connection
@@ -128,24 +145,65 @@ class AmqpBridge:
                 return result
         except trio.TooSlowError:
             raise AmqpUnavailable(f"broker did not answer within {self._timeout} s") from None
-        except (aio_pika.exceptions.DeliveryError, aio_pika.exceptions.ChannelPreconditionFailed) as exc:
-            # A nack, or a 406 the message itself caused: the broker is up and said no to this message.
-            raise AmqpRefused(f"{type(exc).__name__}: {exc}") from exc
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-            raise AmqpUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except (
+            aio_pika.exceptions.DeliveryError,
+            aio_pika.exceptions.ChannelPreconditionFailed,
+            aio_pika.exceptions.AMQPError,
+            ConnectionError,
+            OSError,
+            RuntimeError,
+        ) as exc:
+            raise _unavailable(exc, self._timeout) from exc
 
     async def ack(self, delivery: Delivery) -> bool:
         """Acknowledge a manual-ack delivery; False when that is no longer possible (its channel is
-        gone, so the broker has requeued it and will redeliver it marked ``redelivered``)."""
+        gone, so the broker has requeued it and will redeliver it marked ``redelivered``).
+
+        Returns without waiting: the frame is written with the next batch (``Outbox``)."""
         message = delivery.token
         if not isinstance(message, AbstractIncomingMessage):
             return True  # acked on receipt
-        try:
-            await self._aio(message.ack)
-        except AmqpUnavailable as exc:
-            log.debug("ack on %s failed: %s", delivery.queue, exc)
+        channel = message.channel
+        if channel.is_closed or message.delivery_tag is None:
+            log.debug("ack on %s failed: its channel is closed", delivery.queue)
             return False
+        if self._outbox is None:
+            try:
+                await self._aio(message.ack)
+            except AmqpUnavailable as exc:
+                log.debug("ack on %s failed: %s", delivery.queue, exc)
+                return False
+            return True
+        self._outbox.ack(channel, message.delivery_tag)
         return True
+
+    def reply(self, routing_key: str, body: bytes, *, correlation_id: str | None, done: ReplyDone) -> None:
+        """Publish a reply (as ``publish`` would, once) without waiting: ``done(None)`` once the broker
+        confirmed it, ``done(error)`` (``AmqpUnavailable``/``AmqpRefused``) if it did not."""
+        if self._outbox is None:
+            raise RuntimeError("reply() needs the bridge of open_amqp_bridge")
+        self._outbox.reply(routing_key, body, correlation_id, self._count_reply(done))
+
+    async def _settle_outbox(self, grace: float) -> None:
+        """Closing: let queued acks and replies out and their confirms in (bounded), then give up."""
+        outbox = self._outbox
+        if outbox is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(grace):
+            # Polled: the state is asyncio's (confirm tasks), and this runs once, at close.
+            while not outbox.idle and self.connected:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        outbox.cancel()
+
+    def _count_reply(self, done: ReplyDone) -> ReplyDone:
+        def counted(error: Exception | None) -> None:
+            if error is None:
+                self.stats.publishes += 1
+            else:
+                self.stats.publish_failures += 1
+            done(error)
+
+        return counted
 
     async def queue_exists(self, name: str) -> bool | None:
         """Does queue ``name`` exist (e.g. a caller's reply queue)? None when the broker cannot tell.
@@ -330,6 +388,16 @@ class AmqpBridge:
         return on_message
 
 
+def _unavailable(exc: BaseException, timeout: float) -> AmqpUnavailable:
+    """What an aio-pika failure means to the daemon (``AmqpRefused`` is one kind)."""
+    if isinstance(exc, aio_pika.exceptions.DeliveryError | aio_pika.exceptions.ChannelPreconditionFailed):
+        # A nack, or a 406 the message itself caused: the broker is up and said no to this message.
+        return AmqpRefused(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, TimeoutError):
+        return AmqpUnavailable(f"broker did not answer within {timeout} s")
+    return AmqpUnavailable(f"{type(exc).__name__}: {exc}")
+
+
 async def _connect(url: str, retry_every: float) -> AbstractRobustConnection:
     while True:
         try:
@@ -363,10 +431,11 @@ async def open_amqp_bridge(
     refuses a declaration.
     """
     conflict: TopologyConflict | None = None
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        batch_callbacks(loop)
         connection = await _connect(url, retry_every)
         probe = QueueProbe(url, broker_timeout)
-        bridge = AmqpBridge(connection, broker_timeout, probe)
+        bridge = AmqpBridge(connection, broker_timeout, probe, loop)
         bridge.stats.connects += 1
 
         def on_reconnect(*_args: object) -> None:
@@ -385,6 +454,7 @@ async def open_amqp_bridge(
                 yield bridge
         finally:
             send.close()
+            await bridge._settle_outbox(broker_timeout)
             await probe.aclose()
             with trio.CancelScope(shield=True), trio.move_on_after(broker_timeout):
                 try:

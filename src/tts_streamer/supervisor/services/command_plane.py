@@ -24,6 +24,7 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import attrs
@@ -176,7 +177,7 @@ class CommandPlane:
     async def _answer(self, delivery: Delivery, match: RouteMatch | None, response: Response) -> None:
         """A reply known without running anything (bad envelope, no route)."""
         if await self._take_up(delivery, match):
-            await self._reply(delivery, response)
+            self._reply(delivery, response)
 
     async def _take_up_and_handle(self, delivery: Delivery, request: Request, match: RouteMatch) -> None:
         if await self._take_up(delivery, match):
@@ -207,8 +208,7 @@ class CommandPlane:
         return True
 
     def _reply_expired(self, delivery: Delivery) -> None:
-        if delivery.reply_to and self._nursery is not None:
-            self._nursery.start_soon(self._reply, delivery, envelope.request_expired())
+        self._reply(delivery, envelope.request_expired())
 
     def _not_started(self, delivery: Delivery, reason: str) -> bool:
         self.stats.not_started[reason] += 1
@@ -236,7 +236,7 @@ class CommandPlane:
             self.stats.errors["internal"] += 1
             response = envelope.plain_error(500)
         if response is not None:
-            await self._reply(delivery, response)
+            self._reply(delivery, response)
 
     async def _route(self, delivery: Delivery, request: Request, match: RouteMatch) -> Response | None:
         handler = self._routes.get(match.name)
@@ -272,7 +272,9 @@ class CommandPlane:
                 log.warning("streaming=%s DELETE forward failed: %s", streaming_id, exc)
         return None
 
-    async def _reply(self, delivery: Delivery, response: Response) -> None:
+    def _reply(self, delivery: Delivery, response: Response) -> None:
+        """Hand the reply to the source and go on: its confirm is counted when it comes
+        (``_replied``), and the lane is free for its next request meanwhile."""
         log.debug(
             "pod=%s reply %s to %s (%s)",
             self._pod_id,
@@ -284,13 +286,17 @@ class CommandPlane:
             return
         if response.status_code >= 300:
             self.stats.errors[f"status_{response.status_code}"] += 1
-        try:
-            await self._bridge.publish(
-                delivery.reply_to, envelope.render_response(response), correlation_id=delivery.correlation_id
-            )
-        except AmqpUnavailable as exc:
+        self._bridge.reply(
+            delivery.reply_to,
+            envelope.render_response(response),
+            correlation_id=delivery.correlation_id,
+            done=partial(self._replied, delivery),
+        )
+
+    def _replied(self, delivery: Delivery, error: Exception | None) -> None:
+        if error is not None:
             self.stats.reply_failures += 1
-            log.warning("reply to %s lost: %s", delivery.reply_to, exc)
+            log.warning("reply to %s lost: %s", delivery.reply_to, error)
             return
         self.stats.replies += 1
         self.stats.latency.record(trio.current_time() - delivery.received_at)

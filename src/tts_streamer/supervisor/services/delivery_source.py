@@ -68,6 +68,18 @@ class DeliverySource(Protocol):
         headers: Mapping[str, Any] | None = None,
     ) -> None: ...
 
+    def reply(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        correlation_id: str | None,
+        done: Callable[[Exception | None], None],
+    ) -> None:
+        """Publish a reply once, without waiting; ``done(None)`` when the broker took it,
+        ``done(AmqpUnavailable)`` when it did not."""
+        ...
+
     async def rpc(
         self, routing_key: str, body: bytes, *, exchange: str = "", headers: Mapping[str, Any] | None = None
     ) -> bytes: ...
