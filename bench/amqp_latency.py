@@ -34,6 +34,9 @@ machine the figures are only comparable at a similar load.
 
 By default it runs in a temporary vhost (made with ``rabbitmqctl`` when that works), so tests or
 benchmarks running against the same broker cannot take its requests.
+
+A little over the ~400-line guide: the modes share one report; the load generators live in
+bench/amqp_load.py.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ times are Trio's clock, stamped where the simulator read a message (``on the wir
 Targets (with --delay 0.04): first audio of a later utterance <= one round trip + the fake's own delay (p50,
 with ALLOWANCE_MS for processing; an extra round trip costs 80 ms) and no TLS handshake for it;
 FLUSH_MEDIA p99 < 5 ms after the command, whatever the vendor.
+
+Over the ~400-line guide: one scenario (three fakes behind their proxies, the sessions, the
+measurement and its table) that reads top to bottom; its engines live in bench/voices.py.
 """
 
 from __future__ import annotations

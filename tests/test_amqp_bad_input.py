@@ -4,6 +4,9 @@ disturbed (no crash, no leaked task, lane or session, every request with a ``rep
 The table uses the Go-style caller (``VoipbinCaller.send_raw``); the fuzz run publishes thousands of
 hypothesis-generated envelopes on one channel with one reply queue, matching replies by correlation id.
 The module runs in a private vhost (tests/amqp_vhost.py), so no other run's daemon takes its requests.
+
+Over the ~400-line guide: one table of hostile inputs and the fuzz run share one broker rig and
+one set of invariants (no crash, nothing leaked, one reply each).
 """
 
 from __future__ import annotations

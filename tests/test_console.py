@@ -3,6 +3,9 @@
 Most tests run the console over in-memory streams (``Console.handle_stream``) under the autojump
 clock, with sessions on the in-memory chan_websocket simulator. Tests marked ``realtime`` use a real
 unix or TCP socket with the real clock and short ``fail_after`` bounds.
+
+Over the ~400-line guide: every console command against live sessions, sharing one rig; the
+transports' tests are at the end.
 """
 
 from __future__ import annotations

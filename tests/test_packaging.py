@@ -5,6 +5,9 @@ Dockerfile lints (hadolint, when its wheel is installable) and installs through 
 script `make` runs, so CI exercises every install step); every module imports in a fresh interpreter;
 the container's contract (entrypoint, HEALTHCHECK, SIGTERM) holds against the real daemon; and the
 Kubernetes and Compose files agree with the daemon's defaults, routes and environment variables.
+
+Over the ~400-line guide: one file per deliverable (the image, the chart, the install script);
+the checks share its helpers.
 """
 
 from __future__ import annotations

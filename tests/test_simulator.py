@@ -5,6 +5,9 @@ Unless a test says otherwise the leg connects at t=0 under the autojump clock an
 mechanics tests use a leg already bridged at the connection in a softmix bridge (``bridged()``: every
 frame is heard, caller frames flow); the simulator's own default (voipbin's topology: a join 20 ms
 after the connection, no caller frames ever) has tests of its own.
+
+Over the ~400-line guide: the simulator is the reference the other tests trust, so every mechanism
+of chan_websocket.md it models is pinned here, sharing one raw client.
 """
 
 from __future__ import annotations

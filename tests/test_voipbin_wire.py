@@ -1,4 +1,7 @@
-"""Golden, table and fuzz tests for the sans-IO voipbin wire layer (reference: voipbin-wire.md)."""
+"""Golden, table and fuzz tests for the sans-IO voipbin wire layer (reference: voipbin-wire.md).
+
+Over the ~400-line guide: golden, table and fuzz tests of one sans-IO layer, sharing its fixtures.
+"""
 
 from __future__ import annotations
 

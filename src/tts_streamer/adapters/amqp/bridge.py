@@ -14,7 +14,7 @@ batch), so the prefetch window bounds what waits in memory
 and everything else waits in the broker (where a queue's message TTL applies).
 
 (Over the ~400 lines of the house rule: the connection, topology, consumers, publishes and RPC are one
-resource with one lifetime; the batching that is not about that lifetime lives in amqp_outbox.py.)
+resource with one lifetime; the batching that is not about that lifetime lives in outbox.py.)
 
 A declaration the broker refuses because an object of that name exists with other properties (406
 PRECONDITION_FAILED) raises ``TopologyConflict``, a ``ConfigError``: re-declaring cannot fix it, so the
