@@ -73,11 +73,20 @@ async def broker_connection_loss(settings: Settings) -> Row:
     """N sessions speak one long message each; the daemon's broker connection is closed from the broker
     side and the broker stays unreachable (a relay refusing connections) for ``outage`` seconds.
 
-    lost = sessions with an audio gap longer than the lead (``LEAD_FRAMES`` ticks) or fewer frames played
-    during the outage than it lasted (less the lead); + commands sent after recovery (say_finish, DELETE)
-    not answered 200 within 3 s; + messages not played to their end; + for each streaming, each of
-    streaming_created, message_initiated, message_play_started, message_play_finished and
-    streaming_deleted not delivered exactly once; + events the daemon's publisher dropped.
+    Each message is said twice: once as the sessions are set up, and again (a say_add of the same text)
+    just before the cut, so every session has about the outage plus ``margin`` seconds of audio left
+    at the cut however long the set-up took (with only the first, on a loaded machine the earliest
+    sessions' messages ran out before the broker came back, and counted as not playing through it).
+
+    lost = sessions with an audio gap longer than the lead (``LEAD_FRAMES`` ticks), or that played fewer
+    frames from the cut until the broker was back than that window lasted (less the lead) or, when their
+    message had less audio left at the cut than that, than what it had left (less the lead; what was left
+    is counted before the cut, so a session that stalls at the cut is still caught); + sessions with
+    less audio left at the cut than the outage (the outage not exercised); + commands sent after recovery
+    (say_finish, DELETE) not answered 200 within 3 s; + messages not played to their end; + for each
+    streaming, each of streaming_created, message_initiated, message_play_started,
+    message_play_finished and streaming_deleted not delivered exactly once; + events the daemon's
+    publisher dropped.
     """
     n = 10 if settings.quick else 100
     outage = 1.5 if settings.quick else 3.0
@@ -90,11 +99,11 @@ async def broker_connection_loss(settings: Settings) -> Row:
         row.skipped = "rabbitmqctl not found: the connection is closed from the broker side"
         return row
     spc = 0.1
-    text = "B" * round(
-        (outage + (4.0 if settings.quick else 8.0)) / spc
-    )  # outlasts set-up, outage, reconnect
+    margin = 4.0 if settings.quick else 8.0  # for the reconnect after the outage
+    text = "B" * round((outage + margin) / spc)  # said twice: before the set-up and just before the cut
+    message_frames = round(2 * len(text) * spc / TICK)
     engine = SyntheticEngine(seconds_per_char=spc, speed=2.0)
-    with trio.fail_after(60 if settings.quick else 150):
+    with trio.fail_after(60 if settings.quick else 180):
         async with open_relayed_rig(engine, broker_url(), child=True) as (rig, relay):
             daemon = rig.child
             assert daemon is not None
@@ -102,6 +111,11 @@ async def broker_connection_loss(settings: Settings) -> Row:
             message_ids: list[str] = await gather(sids, lambda sid: say(rig, sid, text, finish=False))
             not_started = await wait_for_events(rig, sids, EventType.MESSAGE_PLAY_STARTED, 10)
             assert not not_started, f"{len(not_started)} sessions never started playing"
+            topped_up: list[Response | None] = await gather(
+                list(zip(sids, message_ids, strict=True)),
+                lambda pair: command(rig, pair[0], "say_add", {"message_id": pair[1], "text": text}),
+            )
+            assert not any(not_ok(r) for r in topped_up), "a top-up say_add failed"
             relay.up = False
             await cut_connections(relay)
             with trio.fail_after(5):
@@ -124,7 +138,9 @@ async def broker_connection_loss(settings: Settings) -> Row:
                 lambda pair: command(rig, pair[0], "say_finish", {"message_id": pair[1]}),
             )
             row.lose("say_finish after recovery not answered 200", sum(not_ok(r) for r in finishes))
-            unfinished = await wait_for_events(rig, sids, EventType.MESSAGE_PLAY_FINISHED, len(text) * spc)
+            unfinished = await wait_for_events(
+                rig, sids, EventType.MESSAGE_PLAY_FINISHED, message_frames * TICK
+            )
             row.lose("message_play_finished missing", len(unfinished))
             deletes: list[Response | None] = await gather(sids, lambda sid: delete(rig, sid))
             row.lose("DELETE after recovery not answered 200", sum(not_ok(r) for r in deletes))
@@ -156,12 +172,22 @@ async def broker_connection_loss(settings: Settings) -> Row:
     gappy = [c for c in calls if any(g.ticks > LEAD_FRAMES for g in c.gaps)]
     row.lose(f"sessions with a gap > {LEAD_FRAMES} ticks", len(gappy))
     need = math.floor(window / TICK) - LEAD_FRAMES
-    quiet = [c for c in calls if played_between(c, text, cut_at, back_at) < need]
+    # What each message had left at the cut does not depend on what happened after it, so a session that
+    # stalled at the cut (and never played again, or only after recovery) is still judged on the window.
+    left = [message_frames - played_between(c, text, -math.inf, cut_at) for c in calls]
+    quiet = [
+        c
+        for c, frames in zip(calls, left, strict=True)
+        if played_between(c, text, cut_at, back_at) < min(need, frames - LEAD_FRAMES)
+    ]
     row.lose("sessions not playing through the outage", len(quiet))
+    row.lose("sessions with less audio left at the cut than the outage", sum(f * TICK < outage for f in left))
     max_gap = max((g.ticks for c in calls for g in c.gaps), default=0)
     row.figures = (
         f"outage {window:.2f} s, reconnects {reconnects}, max gap {max_gap} ticks, "
-        f"underruns {sum(c.underruns for c in calls)}, refused reconnects {relay.refused}"
+        f"underruns {sum(c.underruns for c in calls)}, refused reconnects {relay.refused}, "
+        f"audio left at the cut {min(left) * TICK:.1f}-{max(left) * TICK:.1f} s, "
+        f"messages that ran out before the broker was back {sum(f < need for f in left)}"
     )
     return row
 
