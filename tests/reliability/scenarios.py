@@ -59,7 +59,7 @@ from tts_streamer.adapters.google_tts import GoogleTTSEngine
 from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
-from tts_streamer.fakes.asterisk import SimConfig
+from tts_streamer.fakes.asterisk import SimCall, SimConfig
 from tts_streamer.fakes.elevenlabs import ElevenLabsFake
 from tts_streamer.fakes.google_tts import GoogleTTSFake
 from tts_streamer.fakes.polly import PollyFake
@@ -73,10 +73,11 @@ async def broker_connection_loss(settings: Settings) -> Row:
     """N sessions speak one long message each; the daemon's broker connection is closed from the broker
     side and the broker stays unreachable (a relay refusing connections) for ``outage`` seconds.
 
-    Each message is said twice: once as the sessions are set up, and again (a say_add of the same text)
-    just before the cut, so every session has about the outage plus ``margin`` seconds of audio left
-    at the cut however long the set-up took (with only the first, on a loaded machine the earliest
-    sessions' messages ran out before the broker came back, and counted as not playing through it).
+    Each message is long enough to outlast the set-up on a busy machine (``setup`` seconds) plus the
+    outage plus ``margin``, and is topped up (a say_add) just before the cut, so every session has about
+    the outage plus ``margin`` seconds of audio left at the cut however long the set-up took (with one
+    message that only outlasted an idle set-up, on a loaded machine the earliest sessions' messages ran
+    out before the broker came back, and counted as not playing through it).
 
     lost = sessions with an audio gap longer than the lead (``LEAD_FRAMES`` ticks), or that played fewer
     frames from the cut until the broker was back than that window lasted (less the lead) or, when their
@@ -100,20 +101,27 @@ async def broker_connection_loss(settings: Settings) -> Row:
         return row
     spc = 0.1
     margin = 4.0 if settings.quick else 8.0  # for the reconnect after the outage
-    text = "B" * round((outage + margin) / spc)  # said twice: before the set-up and just before the cut
-    message_frames = round(2 * len(text) * spc / TICK)
+    setup = 15.0 if settings.quick else 40.0  # says, wait for play, top-up: 8 s for 10 at load 11
+    text = "B" * round((setup + outage + margin) / spc)
+    top_up = "T" * round((outage + margin) / spc)  # said just before the cut
+    message_frames = round((len(text) + len(top_up)) * spc / TICK)
+
+    def played(call: SimCall, start: float, end: float) -> int:
+        return played_between(call, text, start, end) + played_between(call, top_up, start, end)
+
     engine = SyntheticEngine(seconds_per_char=spc, speed=2.0)
-    with trio.fail_after(60 if settings.quick else 180):
+    with trio.fail_after(90 if settings.quick else 300):
         async with open_relayed_rig(engine, broker_url(), child=True) as (rig, relay):
             daemon = rig.child
             assert daemon is not None
             sids: list[str] = await gather(range(n), lambda _: create(rig))
+            says_at = trio.current_time()
             message_ids: list[str] = await gather(sids, lambda sid: say(rig, sid, text, finish=False))
             not_started = await wait_for_events(rig, sids, EventType.MESSAGE_PLAY_STARTED, 10)
             assert not not_started, f"{len(not_started)} sessions never started playing"
             topped_up: list[Response | None] = await gather(
                 list(zip(sids, message_ids, strict=True)),
-                lambda pair: command(rig, pair[0], "say_add", {"message_id": pair[1], "text": text}),
+                lambda pair: command(rig, pair[0], "say_add", {"message_id": pair[1], "text": top_up}),
             )
             assert not any(not_ok(r) for r in topped_up), "a top-up say_add failed"
             relay.up = False
@@ -174,17 +182,18 @@ async def broker_connection_loss(settings: Settings) -> Row:
     need = math.floor(window / TICK) - LEAD_FRAMES
     # What each message had left at the cut does not depend on what happened after it, so a session that
     # stalled at the cut (and never played again, or only after recovery) is still judged on the window.
-    left = [message_frames - played_between(c, text, -math.inf, cut_at) for c in calls]
+    left = [message_frames - played(c, -math.inf, cut_at) for c in calls]
     quiet = [
         c
         for c, frames in zip(calls, left, strict=True)
-        if played_between(c, text, cut_at, back_at) < min(need, frames - LEAD_FRAMES)
+        if played(c, cut_at, back_at) < min(need, frames - LEAD_FRAMES)
     ]
     row.lose("sessions not playing through the outage", len(quiet))
     row.lose("sessions with less audio left at the cut than the outage", sum(f * TICK < outage for f in left))
     max_gap = max((g.ticks for c in calls for g in c.gaps), default=0)
     row.figures = (
-        f"outage {window:.2f} s, reconnects {reconnects}, max gap {max_gap} ticks, "
+        f"outage {window:.2f} s (cut {cut_at - says_at:.1f} s after the first say), "
+        f"reconnects {reconnects}, max gap {max_gap} ticks, "
         f"underruns {sum(c.underruns for c in calls)}, refused reconnects {relay.refused}, "
         f"audio left at the cut {min(left) * TICK:.1f}-{max(left) * TICK:.1f} s, "
         f"messages that ran out before the broker was back {sum(f < need for f in left)}"

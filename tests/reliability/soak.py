@@ -217,8 +217,8 @@ async def soak(settings: Settings) -> Row:
                     workers.start_soon(speaking_worker if index < speaking_sessions else worker, deadline)
             rss_end_busy = daemon.rss_kib()
             trajectory.append(rss_end_busy)
-            if probing:
-                os.kill(daemon.process.pid, signal.SIGUSR2)
+            if probing:  # SIGUSR1: then a full collection and malloc_trim
+                os.kill(daemon.process.pid, signal.SIGUSR1)
             rss_middle, rss_warm = trajectory[4], trajectory[SOAK_RSS_WARM_UP_TENTHS - 1]
             with trio.move_on_after(10):  # drain_events empties rig.caller.events: use its counters
                 await poll_until(
@@ -234,8 +234,8 @@ async def soak(settings: Settings) -> Row:
             await trio.sleep(0.5)
             tasks_end = await settle()
             rss_end = daemon.rss_kib()
-            if probing:  # SIGUSR1: then a full collection
-                os.kill(daemon.process.pid, signal.SIGUSR1)
+            if probing:
+                os.kill(daemon.process.pid, signal.SIGUSR2)
                 await trio.sleep(5)
             orphans = orphaned_media(rig)
             nursery.cancel_scope.cancel()

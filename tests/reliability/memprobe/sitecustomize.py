@@ -72,6 +72,28 @@ def _heaps() -> int:
     return count
 
 
+def _pymalloc() -> dict[str, int]:
+    """pymalloc's arenas (256 KiB each, mmapped, outside mallinfo) from sys._debugmallocstats."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read()
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, value = line.rpartition("=")
+        if sep and key.strip().startswith("#"):
+            values[key.strip()] = int(value.strip().replace(",", ""))
+    return values
+
+
 def _dump(signum: int, _frame: FrameType | None) -> None:
     n = len([name for name in os.listdir(_DIR) if name.endswith(".json")])
     started = time.monotonic()
@@ -104,7 +126,8 @@ def _dump(signum: int, _frame: FrameType | None) -> None:
         "gc_stats": gc.get_stats(),
         "dump_seconds": time.monotonic() - started,
     }
-    if signum == signal.SIGUSR1:  # and then a full collection: how much of it was garbage
+    stats["pymalloc"] = _pymalloc()
+    if signum == signal.SIGUSR1:  # then a full collection, then malloc_trim: what each gives back
         collected = gc.collect()
         stats["full_collect"] = {
             "collected": collected,
@@ -113,7 +136,10 @@ def _dump(signum: int, _frame: FrameType | None) -> None:
             "mallinfo2": _mallinfo(),
             "status_kib": _status(),
             "traced": tracemalloc.get_traced_memory()[0],
+            "pymalloc": _pymalloc(),
         }
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        stats["malloc_trim"] = {"mallinfo2": _mallinfo(), "status_kib": _status()}
     with open(os.path.join(_DIR, f"{n}.json"), "w") as out:
         json.dump(stats, out, indent=1)
 
