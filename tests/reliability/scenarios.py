@@ -61,6 +61,7 @@ from tts_streamer.adapters.polly import PollyEngine, make_client
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
 from tts_streamer.fakes.asterisk import SimCall, SimConfig
+from tts_streamer.fakes.asterisk_call import Gap
 from tts_streamer.fakes.elevenlabs import ElevenLabsFake
 from tts_streamer.fakes.google_tts import GoogleTTSFake
 from tts_streamer.fakes.polly import PollyFake
@@ -68,6 +69,9 @@ from tts_streamer.fakes.vendor_faults import Fault
 from tts_streamer.fakes.voipbin_client import SHARED_QUEUE
 
 # ------------------------------------------------------------------------------------------ 1. broker
+
+
+RECOVERY = 3.0  # after the broker is back: the reconnect re-declares and sends the events it held
 
 
 async def broker_connection_loss(settings: Settings) -> Row:
@@ -80,7 +84,9 @@ async def broker_connection_loss(settings: Settings) -> Row:
     message that only outlasted an idle set-up, on a loaded machine the earliest sessions' messages ran
     out before the broker came back, and counted as not playing through it).
 
-    lost = sessions with an audio gap longer than the lead (``LEAD_FRAMES`` ticks), or that played fewer
+    lost = sessions with an audio gap longer than the lead (``LEAD_FRAMES`` ticks) from the cut until
+    ``RECOVERY`` seconds after the broker was back (other gaps are the machine's, counted in the figures
+    by phase), or that played fewer
     frames from the cut until the broker was back than that window lasted (less the lead) or, when their
     message had less audio left at the cut than that, than what it had left (less the lead; what was left
     is counted before the cut, so a session that stalls at the cut is still caught); + sessions with
@@ -102,7 +108,9 @@ async def broker_connection_loss(settings: Settings) -> Row:
         return row
     spc = 0.1
     margin = 4.0 if settings.quick else 8.0  # for the reconnect after the outage
-    setup = 15.0 if settings.quick else 40.0  # says, wait for play, top-up: 8 s for 10 at load 11
+    setup = (
+        15.0 if settings.quick else 60.0
+    )  # says, wait for play, top-up: 8 s for 10, 50 s for 100 at load 5
     text = "B" * round((setup + outage + margin) / spc)
     top_up = "T" * round((outage + margin) / spc)  # said just before the cut
     message_frames = round((len(text) + len(top_up)) * spc / TICK)
@@ -179,8 +187,16 @@ async def broker_connection_loss(settings: Settings) -> Row:
             row.lose("events dropped by the publisher", int(exposed["tts_streamer_events_dropped_total"]))
             reconnects = int(exposed["tts_streamer_broker_reconnects_total"])
     window = back_at - cut_at
-    gappy = [c for c in calls if any(g.ticks > LEAD_FRAMES for g in c.gaps)]
-    row.lose(f"sessions with a gap > {LEAD_FRAMES} ticks", len(gappy))
+
+    # Gaps from the cut until the reconnect's aftermath (re-declaring, the held events going out) is
+    # over; outside it they are the machine's (at load 5 the set-up's 300 commands made 35 such gaps in 100
+    # sessions, the outage none) and are only counted in the figures.
+    def judged(gap: Gap) -> bool:  # overlaps the window: a stall that began just before the cut counts
+        ends = gap.start + gap.ticks * TICK
+        return gap.ticks > LEAD_FRAMES and gap.start <= back_at + RECOVERY and ends >= cut_at
+
+    gappy = [c for c in calls if any(judged(g) for g in c.gaps)]
+    row.lose(f"sessions with a gap > {LEAD_FRAMES} ticks from the cut to {RECOVERY:.0f} s after", len(gappy))
     need = math.floor(window / TICK) - LEAD_FRAMES
     # What each message had left at the cut does not depend on what happened after it, so a session that
     # stalled at the cut (and never played again, or only after recovery) is still judged on the window.
@@ -193,9 +209,16 @@ async def broker_connection_loss(settings: Settings) -> Row:
     row.lose("sessions not playing through the outage", len(quiet))
     row.lose("sessions with less audio left at the cut than the outage", sum(f * TICK < outage for f in left))
     max_gap = max((g.ticks for c in calls for g in c.gaps), default=0)
+    long_gaps = [g for c in calls for g in c.gaps if g.ticks > LEAD_FRAMES]
+    phases = (
+        f"{sum(g.start < cut_at for g in long_gaps)} before the cut, "
+        f"{sum(cut_at <= g.start <= back_at for g in long_gaps)} during, "
+        f"{sum(back_at < g.start <= back_at + RECOVERY for g in long_gaps)} in {RECOVERY:.0f} s after, "
+        f"{sum(g.start > back_at + RECOVERY for g in long_gaps)} later"
+    )
     row.figures = (
         f"outage {window:.2f} s (cut {cut_at - says_at:.1f} s after the first say), "
-        f"reconnects {reconnects}, max gap {max_gap} ticks, "
+        f"reconnects {reconnects}, max gap {max_gap} ticks, gaps > {LEAD_FRAMES} ticks {phases}, "
         f"underruns {sum(c.underruns for c in calls)}, refused reconnects {relay.refused}, "
         f"audio left at the cut {min(left) * TICK:.1f}-{max(left) * TICK:.1f} s, "
         f"messages that ran out before the broker was back {sum(f < need for f in left)}, "
