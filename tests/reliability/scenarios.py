@@ -108,9 +108,8 @@ async def broker_connection_loss(settings: Settings) -> Row:
         return row
     spc = 0.1
     margin = 4.0 if settings.quick else 8.0  # for the reconnect after the outage
-    setup = (
-        15.0 if settings.quick else 60.0
-    )  # says, wait for play, top-up: 8 s for 10, 50 s for 100 at load 5
+    # The says, the wait for play and the top-up: 8 s for 10 sessions at load 11, 40-50 s for 100 at load 5.
+    setup = 15.0 if settings.quick else 40.0
     text = "B" * round((setup + outage + margin) / spc)
     top_up = "T" * round((outage + margin) / spc)  # said just before the cut
     message_frames = round((len(text) + len(top_up)) * spc / TICK)
