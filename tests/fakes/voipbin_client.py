@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SHARED_QUEUE = "bin-manager.tts-manager.request"
 EVENT_EXCHANGE = "bin-manager.tts-manager.event"
+CHANNEL_CLOSE_TIMEOUT = 30.0
 
 
 def aio(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,7 +81,10 @@ class VoipbinCaller:
                 return envelope.parse_response(raw)
             return None
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            # Generous: a Channel.Close cut short makes aiormq send a second Close for that channel, the
+            # broker answers that with CHANNEL_ERROR and closes the whole connection (seen at load 10,
+            # where a close could take over 2 s, ending the soak in its first minutes).
+            with trio.CancelScope(shield=True), trio.move_on_after(CHANNEL_CLOSE_TIMEOUT):
                 await aio(channel.close)()
 
     def record(self, event: Event) -> None:

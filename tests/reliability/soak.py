@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import os
 import random
+import signal
 import uuid
 
 import trio
@@ -14,15 +16,13 @@ from tests.reliability.common import (
     Row,
     Settings,
     command,
+    create_body,
     delete,
     metric_until,
     not_ok,
     orphaned_media,
 )
-from tests.test_amqp_resilience import (
-    create,
-    poll_until,
-)
+from tests.test_amqp_resilience import poll_until
 from tests.test_speakings import body as speaking_body
 from tts_streamer.adapters.synthetic import SyntheticEngine
 from tts_streamer.adapters.voipbin.envelope import EventType, Response
@@ -111,9 +111,16 @@ async def soak(settings: Settings) -> Row:
                     row.lose(f"{what} answered {reply}")
 
             async def new_streaming() -> str:
-                sid = await create(rig)
-                own_sids.add(sid)
-                return sid
+                # A create not answered 200 is lost like any command, and the worker carries on: on a
+                # machine at load 10 a reply can miss the callers' 3 s, which must not end the soak.
+                while True:
+                    reply = await rig.caller.call(rig.pod_queue(), "/v1/streamings", "POST", create_body())
+                    ok(reply, "create")
+                    if reply is not None and reply.status_code == 200:
+                        sid: str = reply.data["id"]
+                        own_sids.add(sid)
+                        return sid
+                    await trio.sleep(1.0)
 
             def forget_leg(sid: str) -> None:
                 """Drop the simulator's record of an ended leg, so the harness's memory stays flat."""
@@ -190,6 +197,10 @@ async def soak(settings: Settings) -> Row:
             await end_streaming(await new_streaming())
             tasks_start = await settle()
             rss_start = daemon.rss_kib()
+            probing = bool(os.environ.get("MEMPROBE_DIR"))  # tests/reliability/memprobe: diagnosis only
+            if probing:  # dumps only while no worker runs: a dump stalls the daemon for a second
+                os.kill(daemon.process.pid, signal.SIGUSR2)
+                await trio.sleep(5)
             started = trio.current_time()
             deadline = started + seconds
             trajectory: list[int] = []  # RSS at each tenth of the run: a leak climbs, a warm-up levels off
@@ -206,6 +217,8 @@ async def soak(settings: Settings) -> Row:
                     workers.start_soon(speaking_worker if index < speaking_sessions else worker, deadline)
             rss_end_busy = daemon.rss_kib()
             trajectory.append(rss_end_busy)
+            if probing:  # SIGUSR1: then a full collection and malloc_trim
+                os.kill(daemon.process.pid, signal.SIGUSR1)
             rss_middle, rss_warm = trajectory[4], trajectory[SOAK_RSS_WARM_UP_TENTHS - 1]
             with trio.move_on_after(10):  # drain_events empties rig.caller.events: use its counters
                 await poll_until(
@@ -221,6 +234,9 @@ async def soak(settings: Settings) -> Row:
             await trio.sleep(0.5)
             tasks_end = await settle()
             rss_end = daemon.rss_kib()
+            if probing:
+                os.kill(daemon.process.pid, signal.SIGUSR2)
+                await trio.sleep(5)
             orphans = orphaned_media(rig)
             nursery.cancel_scope.cancel()
     # The warm-up streaming is counted too: it went through the same path.
