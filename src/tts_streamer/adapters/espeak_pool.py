@@ -2,11 +2,12 @@
 
 A Trio task pair per worker: one writes SYNTH and CANCEL frames to its stdin, one reads AUDIO, DONE and
 LOG frames from its stdout (the protocol is in adapters/espeak_worker.py). Waiting jobs (one sentence
-each, at most one per stream) go to the first free worker earliest deadline first, each worker holding at
-most ``MAX_JOBS_PER_WORKER``. A worker that exits, breaks the protocol or sends nothing for
-``STALL_TIMEOUT`` while it owes audio is killed, reaped and replaced; the streams it held fail. Every wait
-is bounded: the start (``START_TIMEOUT``), each write (``WRITE_TIMEOUT``), the end of a process
-(``CLOSE_TIMEOUT``, then a kill).
+each, at most two per stream: the current sentence and its lookahead) go to the first free worker
+earliest deadline first, each worker holding at most ``MAX_JOBS_PER_WORKER``. A worker that exits,
+breaks the protocol or sends nothing for ``STALL_TIMEOUT`` while it owes audio is killed, reaped and
+replaced; the streams it held fail (their jobs on other workers are CANCELled). Every wait is bounded:
+the start (``START_TIMEOUT``), each write (``WRITE_TIMEOUT``), the end of a process (``CLOSE_TIMEOUT``,
+then a kill).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Job:
     stream: EspeakStream
     text: str
     deadline: float
+    done: bool = False
+    held: list[bytes] = attrs.Factory(list)  # audio come before the stream's earlier sentence finished
 
 
 @attrs.define(eq=False)
@@ -120,6 +123,7 @@ class WorkerPool:
                 worker.jobs.clear()
                 worker.outbox.clear()
                 for job in held:
+                    job.stream.forget(job)
                     job.stream.fail()
             log.warning("espeak worker %d (pid %d) exited; starting another", worker.slot, worker.pid)
             # A worker that lived long gets replaced at once; one dying at start waits longer each time.
@@ -212,7 +216,7 @@ class WorkerPool:
     def _audio(self, worker: _Worker, job_id: int, payloads: list[bytes]) -> None:
         job = worker.jobs.get(job_id)
         if job is not None and not job.stream.cancelled:
-            job.stream.deliver(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+            job.stream.deliver(job, payloads[0] if len(payloads) == 1 else b"".join(payloads))
 
     def _on_frame(self, worker: _Worker, kind: int, job_id: int, payload: bytes) -> None:
         if kind == wire.DONE:
@@ -228,18 +232,23 @@ class WorkerPool:
         stream = job.stream
         if status == wire.DONE_FAILED and not stream.cancelled:
             log.error("espeak job failed: %s", message)
+            stream.forget(job)
             stream.fail()
         elif status == wire.DONE_CANCELLED or stream.cancelled:
             self.engine.jobs_cancelled += 1
-        if stream.job is job:
-            stream.job_done()
+        if stream.cancelled:
+            stream.forget(job)
+        else:
+            stream.job_done(job)
             self.offer(stream)
 
     def offer(self, stream: EspeakStream) -> None:
-        """Queue the stream's next sentence if it has none queued or running."""
-        job = stream.next_job(next(self.ids))
-        if job is not None:
+        """Queue the stream's next sentences, up to its current one and one lookahead."""
+        queued = False
+        while (job := stream.next_job(next(self.ids))) is not None:
             heapq.heappush(self.waiting, (job.deadline, job.id, job))
+            queued = True
+        if queued:
             self.dispatch()
 
     def dispatch(self) -> None:
@@ -257,16 +266,16 @@ class WorkerPool:
             worker.post(wire.synth_frame(job.id, job.stream.wpm, job.stream.voice_name, job.text))
 
     def cancel(self, stream: EspeakStream) -> None:
-        job = stream.job
-        if job is None:
-            return
-        for worker in self.workers:
-            if job.id in worker.jobs:
-                worker.post(wire.frame(wire.CANCEL, job.id))
-                return
-        # Still waiting: it is skipped when it comes up.
-        self.engine.jobs_cancelled += 1
-        stream.job = None
+        """CANCEL the stream's running jobs; its waiting ones are skipped when they come up."""
+        for job in list(stream.jobs):
+            for worker in self.workers:
+                if job.id in worker.jobs:
+                    worker.post(wire.frame(wire.CANCEL, job.id))
+                    break
+            else:
+                if not job.done:
+                    self.engine.jobs_cancelled += 1
+                stream.forget(job)
 
     @property
     def running(self) -> int:
