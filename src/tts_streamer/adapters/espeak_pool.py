@@ -118,19 +118,23 @@ class WorkerPool:
             except Exception as exc:  # died, hung, broke the protocol: replaced below
                 log.error("espeak worker %d (pid %d) failed: %r", worker.slot, worker.pid, exc)
             finally:
-                worker.ready = False
-                held = list(worker.jobs.values())
-                worker.jobs.clear()
-                worker.outbox.clear()
-                for job in held:
-                    job.stream.forget(job)
-                    job.stream.fail()
+                self._lost(worker)
             log.warning("espeak worker %d (pid %d) exited; starting another", worker.slot, worker.pid)
             # A worker that lived long gets replaced at once; one dying at start waits longer each time.
             pause = (
                 RESTART_BACKOFF[0] if trio.current_time() - began > 10 else min(2 * pause, RESTART_BACKOFF[1])
             )
             await trio.sleep(pause)
+
+    def _lost(self, worker: _Worker) -> None:
+        """The worker's process is gone: the streams it held fail."""
+        worker.ready = False
+        held = list(worker.jobs.values())
+        worker.jobs.clear()
+        worker.outbox.clear()
+        for job in held:
+            job.stream.forget(job)
+            job.stream.fail()
 
     async def _run_process(self, worker: _Worker) -> None:
         process = await trio.lowlevel.open_process(self.argv, stdin=PIPE, stdout=PIPE)
