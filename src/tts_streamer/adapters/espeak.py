@@ -17,10 +17,9 @@ done, so a stream's audio comes in order. Waiting jobs go to the first free work
 first; the deadline is when the caller would run out of the audio it has (now, for a first sentence),
 and for the lookahead the current sentence's expected end (its deadline plus its estimated length), so
 a lookahead never jumps another stream's first sentence that is needed sooner. Each worker holds at most
-``MAX_JOBS_PER_WORKER``. espeak-ng is the last-resort
-voice (Piper's overflow, every fallback chain's end), so there is no admission limit: at ~2 ms of CPU per
-second of speech a core speaks ~500 calls in real time (bench/results/2026-12-03-espeak.md), and a
-burst waits in the queue, not on the loop.
+``MAX_JOBS_PER_WORKER``. espeak-ng is the last-resort voice (Piper's overflow, every fallback chain's
+end), so there is no admission limit: at ~2 ms of CPU per second of speech a core speaks ~500 calls in
+real time (bench/results/2026-12-03-espeak.md), and a burst waits in the queue, not on the loop.
 
 Stopping: leaving ``open_stream`` drops the stream's waiting jobs, sends CANCEL for its running ones (the
 worker's callback returns 1 at its next buffer) and closes the stream's channel, so no later chunk is
