@@ -83,16 +83,33 @@ async def _open(pool: WorkerPool, *sentences: str) -> EspeakStream:
 
 
 async def test_the_next_sentence_is_submitted_before_the_current_one_finishes() -> None:
-    pool = _pool(1)
+    pool = _pool(2)
     stream = await _open(pool, *SENTENCES[:3])
-    # Both on the worker at once: the second starts the moment the first is done, no round trip.
-    assert _posted(pool, 0) == [
-        (wire.SYNTH, _job_id(pool, SENTENCES[0]), SENTENCES[0]),
-        (wire.SYNTH, _job_id(pool, SENTENCES[1]), SENTENCES[1]),
-    ]
+    # Both on a worker at once: the second does not wait for the first to be done.
+    assert _posted(pool, 0) == [(wire.SYNTH, _job_id(pool, SENTENCES[0]), SENTENCES[0])]
+    assert _posted(pool, 1) == [(wire.SYNTH, _job_id(pool, SENTENCES[1]), SENTENCES[1])]
     assert len(stream.jobs) == 2 and not pool.waiting  # the third is not queued yet
     _done(pool, 0, _job_id(pool, SENTENCES[0]))
     assert _posted(pool, 0) == [(wire.SYNTH, _job_id(pool, SENTENCES[2]), SENTENCES[2])]
+
+
+async def test_a_lookahead_needed_later_leaves_a_busy_workers_second_place_to_first_sentences() -> None:
+    pool = _pool(1)
+    soon = await _open(pool, "Yes.", "No.")  # a short sentence: its lookahead is needed within the horizon
+    assert [text for _kind, _job, text in _posted(pool, 0)] == ["Yes.", "No."]
+    _done(pool, 0, _job_id(pool, "Yes."))
+    _done(pool, 0, _job_id(pool, "No."))
+    assert not soon.jobs
+    current = await _open(pool, *SENTENCES[:2])
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[0]]
+    assert [job.text for _d, _i, job in pool.waiting] == [SENTENCES[1]]  # queued, needed in ~3 s
+    newcomer = await _open(pool, SENTENCES[2])
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[2]]  # not behind the lookahead
+    _done(pool, 0, _job_id(pool, SENTENCES[0]))
+    assert _posted(pool, 0) == []  # still busy with the newcomer's
+    _done(pool, 0, _job_id(pool, SENTENCES[2]))
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[1]]  # an idle worker takes it
+    assert len(current.jobs) == 1 and not newcomer.jobs
 
 
 async def test_a_lookahead_on_another_worker_is_heard_after_the_sentence_before_it() -> None:
@@ -119,23 +136,27 @@ async def test_a_lookahead_on_another_worker_is_heard_after_the_sentence_before_
 
 async def test_leaving_drops_the_waiting_jobs_and_cancels_the_running_ones() -> None:
     pool = _pool(1)
-    busy = await _open(pool, *SENTENCES[:4])  # holds the worker: its current sentence and lookahead
+    busy = await _open(pool, *SENTENCES[:4])
     waiting = await _open(pool, *SENTENCES[4:8])
-    running = [_job_id(pool, SENTENCES[0]), _job_id(pool, SENTENCES[1])]
+    # The worker holds both first sentences; both lookaheads wait.
+    running = [_job_id(pool, SENTENCES[0]), _job_id(pool, SENTENCES[4])]
     _posted(pool, 0)
-    assert len(pool.waiting) == 2 and len(waiting.jobs) == 2
+    assert sorted(job.text for _d, _i, job in pool.waiting) == [SENTENCES[1], SENTENCES[5]]
+    assert len(busy.jobs) == len(waiting.jobs) == 2
     cancelled = pool.engine.jobs_cancelled
     waiting.close()
-    assert pool.engine.jobs_cancelled == cancelled + 2 + 2  # the two queued jobs, the two never queued
-    assert not waiting.jobs
+    assert pool.engine.jobs_cancelled == cancelled + 1 + 2  # the queued lookahead, the two never queued
     busy.close()
-    assert _posted(pool, 0) == [(wire.CANCEL, job, "") for job in running]
+    assert pool.engine.jobs_cancelled == cancelled + 2 * (1 + 2)
+    assert _posted(pool, 0) == [(wire.CANCEL, running[1], ""), (wire.CANCEL, running[0], "")]
     _audio(pool, 0, running[0], b"late")  # sent before the worker saw the CANCEL: dropped
     _done(pool, 0, running[0], wire.DONE_CANCELLED)
     _done(pool, 0, running[1], wire.DONE_CANCELLED)
+    assert pool.engine.jobs_cancelled == cancelled + 2 * (1 + 2) + 2
     # Nothing of either stream is given to the worker again.
     assert pool.running == 0 and not pool.waiting and _posted(pool, 0) == []
-    assert not busy.jobs
+    assert not busy.jobs and not waiting.jobs
+    assert busy.audio_seconds == 0 and busy.first_audio_at is None  # the late chunk went nowhere
 
 
 async def test_a_stream_never_has_more_than_two_jobs_and_its_audio_stays_in_order() -> None:
@@ -164,17 +185,17 @@ async def test_a_stream_never_has_more_than_two_jobs_and_its_audio_stays_in_orde
 
 async def test_a_lookahead_does_not_jump_another_streams_first_sentence() -> None:
     pool = _pool(1)
-    filler = await _open(pool, *SENTENCES[:2])  # the worker is full
-    early = await _open(pool, SENTENCES[2], SENTENCES[3])
+    filler = await _open(pool, SENTENCES[0])
+    early = await _open(pool, SENTENCES[2], SENTENCES[3])  # the worker is full; its lookahead waits
     late = await _open(pool, SENTENCES[4])  # its first sentence is needed before early's second
     assert early.jobs[1].deadline > late.jobs[0].deadline > early.jobs[0].deadline
-    _posted(pool, 0)
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[0], SENTENCES[2]]
     _done(pool, 0, _job_id(pool, SENTENCES[0]))
-    _done(pool, 0, _job_id(pool, SENTENCES[1]))
-    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[2], SENTENCES[4]]
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[4]]
     _done(pool, 0, _job_id(pool, SENTENCES[2]))
+    _done(pool, 0, _job_id(pool, SENTENCES[4]))
     assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[3]]
-    assert not filler.jobs
+    assert not filler.jobs and not late.jobs
 
 
 async def test_a_lost_worker_fails_the_stream_and_cancels_its_lookahead_elsewhere() -> None:

@@ -3,7 +3,8 @@
 A Trio task pair per worker: one writes SYNTH and CANCEL frames to its stdin, one reads AUDIO, DONE and
 LOG frames from its stdout (the protocol is in adapters/espeak_worker.py). Waiting jobs (one sentence
 each, at most two per stream: the current sentence and its lookahead) go to the first free worker
-earliest deadline first, each worker holding at most ``MAX_JOBS_PER_WORKER``. A worker that exits,
+earliest deadline first, each worker holding at most ``MAX_JOBS_PER_WORKER`` (a second one only if it is
+needed within ``READY_HORIZON``). A worker that exits,
 breaks the protocol or sends nothing for ``STALL_TIMEOUT`` while it owes audio is killed, reaped and
 replaced; the streams it held fail (their jobs on other workers are CANCELled). Every wait is bounded:
 the start (``START_TIMEOUT``), each write (``WRITE_TIMEOUT``), the end of a process (``CLOSE_TIMEOUT``,
@@ -17,6 +18,7 @@ import itertools
 import logging
 import os
 import struct
+import time
 from subprocess import PIPE
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tts_streamer.adapters.espeak")  # one log for the engine and its workers
 
 MAX_JOBS_PER_WORKER = 2  # one running, one ready behind it: the worker never idles on a round trip
+# A job needed later than this (a lookahead) goes only to an idle worker: queued behind a running job it
+# would run before a first sentence that comes in meanwhile. Every DONE dispatches again.
+READY_HORIZON = 1.0
 START_TIMEOUT = 20.0  # a worker's READY (a Python start on a loaded machine)
 WRITE_TIMEOUT = 5.0  # a job onto a worker's stdin
 STALL_TIMEOUT = 10.0  # a worker holding jobs and sending nothing is hung (a sentence takes ~10 ms)
@@ -260,10 +265,14 @@ class WorkerPool:
             free = [w for w in self.workers if w.ready and len(w.jobs) < MAX_JOBS_PER_WORKER]
             if not free:
                 return
-            _deadline, _id, job = heapq.heappop(self.waiting)
+            deadline, _id, job = self.waiting[0]
             if job.stream.cancelled:
+                heapq.heappop(self.waiting)
                 continue
             worker = min(free, key=lambda w: len(w.jobs))
+            if worker.jobs and deadline > time.monotonic() + READY_HORIZON:
+                return  # a worker's second job runs first whatever comes next: keep it for a sooner one
+            heapq.heappop(self.waiting)
             if not worker.jobs:
                 worker.progress_at = trio.current_time()  # idle until now: the stall clock starts here
             worker.jobs[job.id] = job
