@@ -72,8 +72,8 @@ def _ended(stream: EspeakStream) -> bool:
 
 def _jobs_of(pool: WorkerPool, stream: EspeakStream) -> int:
     running = sum(job.stream is stream for worker in pool.workers for job in worker.jobs.values())
-    waiting = sum(job.stream is stream and not stream.cancelled for _d, _i, job in pool.waiting)
-    return running + waiting
+    waiting = {job.id for _d, _i, job in pool.waiting if job.stream is stream and not job.dispatched}
+    return running + (0 if stream.cancelled else len(waiting))
 
 
 async def _open(pool: WorkerPool, *sentences: str) -> EspeakStream:

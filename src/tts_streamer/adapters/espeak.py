@@ -103,7 +103,8 @@ class EspeakStream:
             return None
         if self.jobs:  # the lookahead: needed when the sentence before it has been heard
             before = self.jobs[-1]
-            deadline = before.deadline + estimated_seconds(before.text, self.wpm)
+            begins = before.starts_at if before.starts_at is not None else before.deadline
+            deadline = begins + estimated_seconds(before.text, self.wpm)
         elif self.first_audio_at is None:
             deadline = time.monotonic()
         else:
@@ -114,9 +115,21 @@ class EspeakStream:
 
     def deliver(self, job: Job, chunk: bytes) -> None:
         if self.jobs and self.jobs[0] is job:
+            self._start(job)
             self._emit(chunk)
         elif job in self.jobs:
             job.held.append(chunk)
+
+    def _start(self, job: Job) -> None:
+        """The sentence's first audio: where it begins on the caller's timeline times its lookahead."""
+        if job.starts_at is not None:
+            return
+        first = self.first_audio_at
+        job.starts_at = time.monotonic() if first is None else first + self.audio_seconds
+        if len(self.jobs) > 1:
+            # Begun later than its deadline (a queue wait): the lookahead is needed later too, and must
+            # not keep jumping first sentences that came in meanwhile.
+            self._pool.reschedule(self.jobs[1], job.starts_at + estimated_seconds(job.text, self.wpm))
 
     def _emit(self, chunk: bytes) -> None:
         if self.first_audio_at is None:
@@ -134,9 +147,13 @@ class EspeakStream:
             self.jobs.popleft()
             if self.jobs:
                 head = self.jobs[0]
+                if head.held:
+                    self._start(head)
                 for chunk in head.held:
                     self._emit(chunk)
                 head.held.clear()
+        if self.jobs and self.first_audio_at is not None:  # now known exactly, if it still waits
+            self._pool.reschedule(self.jobs[0], self.first_audio_at + self.audio_seconds)
         self._maybe_finish()
 
     def forget(self, job: Job) -> None:

@@ -54,7 +54,9 @@ class Job:
     stream: EspeakStream
     text: str
     deadline: float
+    dispatched: bool = False
     done: bool = False
+    starts_at: float | None = None  # where its audio begins on the caller's timeline, once it has begun
     held: list[bytes] = attrs.Factory(list)  # audio come before the stream's earlier sentence finished
 
 
@@ -266,7 +268,7 @@ class WorkerPool:
             if not free:
                 return
             deadline, _id, job = self.waiting[0]
-            if job.stream.cancelled:
+            if job.stream.cancelled or job.dispatched or deadline != job.deadline:  # or rescheduled
                 heapq.heappop(self.waiting)
                 continue
             worker = min(free, key=lambda w: len(w.jobs))
@@ -275,8 +277,15 @@ class WorkerPool:
             heapq.heappop(self.waiting)
             if not worker.jobs:
                 worker.progress_at = trio.current_time()  # idle until now: the stall clock starts here
+            job.dispatched = True
             worker.jobs[job.id] = job
             worker.post(wire.synth_frame(job.id, job.stream.wpm, job.stream.voice_name, job.text))
+
+    def reschedule(self, job: Job, deadline: float) -> None:
+        """A waiting job turns out to be needed later: queued again by then (the old entry is skipped)."""
+        if not job.dispatched and deadline > job.deadline:
+            job.deadline = deadline
+            heapq.heappush(self.waiting, (deadline, job.id, job))
 
     def cancel(self, stream: EspeakStream) -> None:
         """CANCEL the stream's running jobs; its waiting ones are skipped when they come up."""
