@@ -214,3 +214,37 @@ async def test_a_lost_worker_fails_the_stream_and_cancels_its_lookahead_elsewher
         async for chunk in stream.audio():
             chunks.append(chunk)
     assert chunks == [b"A1"]
+
+
+class _Clock:
+    now = 100.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return cls.now
+
+
+async def test_a_lookahead_whose_sentence_began_late_is_needed_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tts_streamer.adapters import espeak, espeak_pool
+
+    for module in (espeak, espeak_pool):
+        monkeypatch.setattr(module, "time", _Clock)
+    pool = _pool(1)
+    _Clock.now = 100.0
+    late_start = await _open(pool, SENTENCES[0], SENTENCES[1])
+    await _open(pool, SENTENCES[2])  # fills the worker's second place
+    lookahead = late_start.jobs[1]
+    assert lookahead.deadline < 105
+    _Clock.now = 110.0  # the first sentence's audio begins only now
+    _audio(pool, 0, _job_id(pool, SENTENCES[0]), bytes(3 * 8000))
+    assert lookahead.deadline > 110
+    _Clock.now = 111.0
+    await _open(pool, SENTENCES[3])  # a first sentence, needed now: before the lookahead
+    _posted(pool, 0)
+    _done(pool, 0, _job_id(pool, SENTENCES[0]))
+    assert lookahead.deadline == 113.0  # exact now: when the 3 s of audio heard run out
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[3]]
+    _done(pool, 0, _job_id(pool, SENTENCES[2]))
+    _done(pool, 0, _job_id(pool, SENTENCES[3]))
+    assert [text for _kind, _job, text in _posted(pool, 0)] == [SENTENCES[1]]  # queued once, not twice
+    assert pool.waiting == [] or all(job.dispatched for _d, _i, job in pool.waiting)

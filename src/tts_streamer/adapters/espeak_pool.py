@@ -282,8 +282,8 @@ class WorkerPool:
             worker.post(wire.synth_frame(job.id, job.stream.wpm, job.stream.voice_name, job.text))
 
     def reschedule(self, job: Job, deadline: float) -> None:
-        """A waiting job turns out to be needed later: queued again by then (the old entry is skipped)."""
-        if not job.dispatched and deadline > job.deadline:
+        """A waiting job's deadline, better known now: queued again by it (the old entry is skipped)."""
+        if not job.dispatched and deadline != job.deadline:
             job.deadline = deadline
             heapq.heappush(self.waiting, (deadline, job.id, job))
 
