@@ -15,9 +15,11 @@ hand-off ran the caller's audio dry mid-utterance). The queue is bounded by twic
 next sentence may run on another worker: its audio is held on the stream until the sentence before it is
 done, so a stream's audio comes in order. Waiting jobs go to the first free worker earliest deadline
 first; the deadline is when the caller would run out of the audio it has (now, for a first sentence),
-and for the lookahead the current sentence's expected end (its deadline plus its estimated length), so
-a lookahead never jumps another stream's first sentence that is needed sooner. Each worker holds at most
-``MAX_JOBS_PER_WORKER``. espeak-ng is the last-resort voice (Piper's overflow, every fallback chain's
+and for the lookahead the current sentence's expected end (where it begins on the caller's timeline,
+its deadline until it has begun, plus its estimated length; exact once it is done), so a lookahead
+never jumps another stream's first sentence that is needed sooner. Each worker holds at most
+``MAX_JOBS_PER_WORKER``, a second only if needed within ``READY_HORIZON``. ``LOOKAHEAD = 0`` restores
+one job per stream. espeak-ng is the last-resort voice (Piper's overflow, every fallback chain's
 end), so there is no admission limit: at ~2 ms of CPU per second of speech a core speaks ~500 calls in
 real time (bench/results/2026-12-03-espeak.md), and a burst waits in the queue, not on the loop.
 
