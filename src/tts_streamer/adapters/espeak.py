@@ -8,15 +8,22 @@ adapters/espeak_pool.py): the daemon side is a Trio task pair per worker that wr
 utterances it held fail with ``VoiceError`` (kind "synth"), as a failed synthesis always did, and reach
 the session's fallback or error path.
 
-Scheduling: one job is one sentence, and each stream has at most one job queued or running, so the queue
-is bounded by the open streams and a stream's audio comes in order. Waiting jobs go to the first free
-worker earliest deadline first (the deadline is when the caller would run out of the audio it has; now,
-for a first sentence), each worker holding at most ``MAX_JOBS_PER_WORKER``. espeak-ng is the last-resort
-voice (Piper's overflow, every fallback chain's end), so there is no admission limit: at ~2 ms of CPU per
-second of speech a core speaks ~500 calls in real time (bench/results/2026-12-03-espeak.md), and a
-burst waits in the queue, not on the loop.
+Scheduling: one job is one sentence, and each stream has at most ``LOOKAHEAD + 1`` (two) jobs queued or
+running: the sentence being heard and the next one, so the next can start the moment a worker is free
+rather than a worker round trip and a queue wait after the current one ends (under CPU shortage that
+hand-off ran the caller's audio dry mid-utterance). The queue is bounded by twice the open streams. The
+next sentence may run on another worker: its audio is held on the stream until the sentence before it is
+done, so a stream's audio comes in order. Waiting jobs go to the first free worker earliest deadline
+first; the deadline is when the caller would run out of the audio it has (now, for a first sentence),
+and for the lookahead the current sentence's expected end (where it begins on the caller's timeline,
+its deadline until it has begun, plus its estimated length; exact once it is done), so a lookahead
+never jumps another stream's first sentence that is needed sooner. Each worker holds at most
+``MAX_JOBS_PER_WORKER``, a second only if needed within ``READY_HORIZON``. ``LOOKAHEAD = 0`` restores
+one job per stream. espeak-ng is the last-resort voice (Piper's overflow, every fallback chain's
+end), so there is no admission limit: at ~2 ms of CPU per second of speech a core speaks ~500 calls in
+real time (bench/results/2026-12-03-espeak.md), and a burst waits in the queue, not on the loop.
 
-Stopping: leaving ``open_stream`` drops the stream's waiting job, sends CANCEL for its running one (the
+Stopping: leaving ``open_stream`` drops the stream's waiting jobs, sends CANCEL for its running ones (the
 worker's callback returns 1 at its next buffer) and closes the stream's channel, so no later chunk is
 delivered. ``aclose()`` ends every stream, closes the workers' stdin (they exit on EOF, or are killed
 after ``CLOSE_TIMEOUT``) and returns once every process is reaped. The pool starts lazily and runs in a
@@ -46,6 +53,11 @@ log = logging.getLogger(__name__)
 DEFAULT_WPM = 175
 MIN_WPM, MAX_WPM = 80, 450
 
+LOOKAHEAD = 1  # sentences queued behind the one being synthesised or heard
+# espeak-ng speaks ~18 characters a second at 175 wpm (the bench sentences: 0.055 s per character); a
+# slight underestimate only moves the lookahead a little earlier in the queue.
+SECONDS_PER_CHAR_AT_1_WPM = 10.0
+
 _GENDER_VARIANTS = {"female": "+f3", "f": "+f3", "male": "+m3", "m": "+m3"}
 
 
@@ -61,7 +73,9 @@ class EspeakStream:
         self.failed = False
         self._input_ended = False
         self._sentences: deque[str] = deque()
-        self.job: Job | None = None  # queued or running: at most one
+        # Queued, running or done but not yet heard, in sentence order: at most LOOKAHEAD + 1. Only
+        # the first one's audio goes to the reader; a later one's waits in its ``held`` list.
+        self.jobs: deque[Job] = deque()
         self.first_audio_at: float | None = None
         self.audio_seconds = 0.0
         self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
@@ -87,14 +101,39 @@ class EspeakStream:
             raise VoiceError("espeak-ng synthesis failed", kind="synth")
 
     def next_job(self, job_id: int) -> Job | None:
-        if self.job is not None or self.cancelled or not self._sentences:
+        if len(self.jobs) > LOOKAHEAD or self.cancelled or not self._sentences:
             return None
-        now = time.monotonic()
-        deadline = now if self.first_audio_at is None else self.first_audio_at + self.audio_seconds
-        self.job = Job(job_id, self, self._sentences.popleft(), deadline)
-        return self.job
+        if self.jobs:  # the lookahead: needed when the sentence before it has been heard
+            before = self.jobs[-1]
+            begins = before.starts_at if before.starts_at is not None else before.deadline
+            deadline = begins + estimated_seconds(before.text, self.wpm)
+        elif self.first_audio_at is None:
+            deadline = time.monotonic()
+        else:
+            deadline = self.first_audio_at + self.audio_seconds
+        job = Job(job_id, self, self._sentences.popleft(), deadline)
+        self.jobs.append(job)
+        return job
 
-    def deliver(self, chunk: bytes) -> None:
+    def deliver(self, job: Job, chunk: bytes) -> None:
+        if self.jobs and self.jobs[0] is job:
+            self._start(job)
+            self._emit(chunk)
+        elif job in self.jobs:
+            job.held.append(chunk)
+
+    def _start(self, job: Job) -> None:
+        """The sentence's first audio: where it begins on the caller's timeline times its lookahead."""
+        if job.starts_at is not None:
+            return
+        first = self.first_audio_at
+        job.starts_at = time.monotonic() if first is None else first + self.audio_seconds
+        if len(self.jobs) > 1:
+            # Begun later than its deadline (a queue wait): the lookahead is needed later too, and must
+            # not keep jumping first sentences that came in meanwhile.
+            self._pool.reschedule(self.jobs[1], job.starts_at + estimated_seconds(job.text, self.wpm))
+
+    def _emit(self, chunk: bytes) -> None:
         if self.first_audio_at is None:
             self.first_audio_at = time.monotonic()
         self.audio_seconds += len(chunk) / 8000
@@ -103,9 +142,25 @@ class EspeakStream:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
-    def job_done(self) -> None:
-        self.job = None
+    def job_done(self, job: Job) -> None:
+        """The job's audio is all in: the next sentence's held audio goes out, and it is the head."""
+        job.done = True
+        while self.jobs and self.jobs[0].done:
+            self.jobs.popleft()
+            if self.jobs:
+                head = self.jobs[0]
+                if head.held:
+                    self._start(head)
+                for chunk in head.held:
+                    self._emit(chunk)
+                head.held.clear()
+        if self.jobs and self.first_audio_at is not None:  # now known exactly, if it still waits
+            self._pool.reschedule(self.jobs[0], self.first_audio_at + self.audio_seconds)
         self._maybe_finish()
+
+    def forget(self, job: Job) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
 
     def fail(self) -> None:
         # End the stream now so audio() raises instead of waiting for the rest; a stream already
@@ -113,6 +168,7 @@ class EspeakStream:
         if not self.cancelled:
             self.failed = True
             self.end()
+            self._pool.cancel(self)  # its other sentence may be running on another worker
 
     def end(self) -> None:
         """No more audio (failed, or the engine closing); the reader drains what came and stops."""
@@ -122,13 +178,17 @@ class EspeakStream:
         self._send.close()
 
     def _maybe_finish(self) -> None:
-        if self._input_ended and self.job is None and not self._sentences:
+        if self._input_ended and not self.jobs and not self._sentences:
             self._send.close()
 
     def close(self) -> None:
         self.end()
         self._receive.close()
         self._pool.cancel(self)
+
+
+def estimated_seconds(text: str, wpm: int) -> float:
+    return len(text) * SECONDS_PER_CHAR_AT_1_WPM / wpm
 
 
 def _espeak_voice_name(voice: VoiceSpec) -> str:

@@ -2,11 +2,13 @@
 
 A Trio task pair per worker: one writes SYNTH and CANCEL frames to its stdin, one reads AUDIO, DONE and
 LOG frames from its stdout (the protocol is in adapters/espeak_worker.py). Waiting jobs (one sentence
-each, at most one per stream) go to the first free worker earliest deadline first, each worker holding at
-most ``MAX_JOBS_PER_WORKER``. A worker that exits, breaks the protocol or sends nothing for
-``STALL_TIMEOUT`` while it owes audio is killed, reaped and replaced; the streams it held fail. Every wait
-is bounded: the start (``START_TIMEOUT``), each write (``WRITE_TIMEOUT``), the end of a process
-(``CLOSE_TIMEOUT``, then a kill).
+each, at most two per stream: the current sentence and its lookahead) go to the first free worker
+earliest deadline first, each worker holding at most ``MAX_JOBS_PER_WORKER`` (a second one only if it is
+needed within ``READY_HORIZON``). A worker that exits,
+breaks the protocol or sends nothing for ``STALL_TIMEOUT`` while it owes audio is killed, reaped and
+replaced; the streams it held fail (their jobs on other workers are CANCELled). Every wait is bounded:
+the start (``START_TIMEOUT``), each write (``WRITE_TIMEOUT``), the end of a process (``CLOSE_TIMEOUT``,
+then a kill).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import logging
 import os
 import struct
+import time
 from subprocess import PIPE
 from typing import TYPE_CHECKING
 
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tts_streamer.adapters.espeak")  # one log for the engine and its workers
 
 MAX_JOBS_PER_WORKER = 2  # one running, one ready behind it: the worker never idles on a round trip
+# A job needed later than this (a lookahead) goes only to an idle worker: queued behind a running job it
+# would run before a first sentence that comes in meanwhile. Every DONE dispatches again.
+READY_HORIZON = 1.0
 START_TIMEOUT = 20.0  # a worker's READY (a Python start on a loaded machine)
 WRITE_TIMEOUT = 5.0  # a job onto a worker's stdin
 STALL_TIMEOUT = 10.0  # a worker holding jobs and sending nothing is hung (a sentence takes ~10 ms)
@@ -48,6 +54,10 @@ class Job:
     stream: EspeakStream
     text: str
     deadline: float
+    dispatched: bool = False
+    done: bool = False
+    starts_at: float | None = None  # where its audio begins on the caller's timeline, once it has begun
+    held: list[bytes] = attrs.Factory(list)  # audio come before the stream's earlier sentence finished
 
 
 @attrs.define(eq=False)
@@ -115,18 +125,23 @@ class WorkerPool:
             except Exception as exc:  # died, hung, broke the protocol: replaced below
                 log.error("espeak worker %d (pid %d) failed: %r", worker.slot, worker.pid, exc)
             finally:
-                worker.ready = False
-                held = list(worker.jobs.values())
-                worker.jobs.clear()
-                worker.outbox.clear()
-                for job in held:
-                    job.stream.fail()
+                self._lost(worker)
             log.warning("espeak worker %d (pid %d) exited; starting another", worker.slot, worker.pid)
             # A worker that lived long gets replaced at once; one dying at start waits longer each time.
             pause = (
                 RESTART_BACKOFF[0] if trio.current_time() - began > 10 else min(2 * pause, RESTART_BACKOFF[1])
             )
             await trio.sleep(pause)
+
+    def _lost(self, worker: _Worker) -> None:
+        """The worker's process is gone: the streams it held fail."""
+        worker.ready = False
+        held = list(worker.jobs.values())
+        worker.jobs.clear()
+        worker.outbox.clear()
+        for job in held:
+            job.stream.forget(job)
+            job.stream.fail()
 
     async def _run_process(self, worker: _Worker) -> None:
         process = await trio.lowlevel.open_process(self.argv, stdin=PIPE, stdout=PIPE)
@@ -212,7 +227,7 @@ class WorkerPool:
     def _audio(self, worker: _Worker, job_id: int, payloads: list[bytes]) -> None:
         job = worker.jobs.get(job_id)
         if job is not None and not job.stream.cancelled:
-            job.stream.deliver(payloads[0] if len(payloads) == 1 else b"".join(payloads))
+            job.stream.deliver(job, payloads[0] if len(payloads) == 1 else b"".join(payloads))
 
     def _on_frame(self, worker: _Worker, kind: int, job_id: int, payload: bytes) -> None:
         if kind == wire.DONE:
@@ -228,18 +243,23 @@ class WorkerPool:
         stream = job.stream
         if status == wire.DONE_FAILED and not stream.cancelled:
             log.error("espeak job failed: %s", message)
+            stream.forget(job)
             stream.fail()
         elif status == wire.DONE_CANCELLED or stream.cancelled:
             self.engine.jobs_cancelled += 1
-        if stream.job is job:
-            stream.job_done()
+        if stream.cancelled:
+            stream.forget(job)
+        else:
+            stream.job_done(job)
             self.offer(stream)
 
     def offer(self, stream: EspeakStream) -> None:
-        """Queue the stream's next sentence if it has none queued or running."""
-        job = stream.next_job(next(self.ids))
-        if job is not None:
+        """Queue the stream's next sentences, up to its current one and one lookahead."""
+        queued = False
+        while (job := stream.next_job(next(self.ids))) is not None:
             heapq.heappush(self.waiting, (job.deadline, job.id, job))
+            queued = True
+        if queued:
             self.dispatch()
 
     def dispatch(self) -> None:
@@ -247,26 +267,37 @@ class WorkerPool:
             free = [w for w in self.workers if w.ready and len(w.jobs) < MAX_JOBS_PER_WORKER]
             if not free:
                 return
-            _deadline, _id, job = heapq.heappop(self.waiting)
-            if job.stream.cancelled:
+            deadline, _id, job = self.waiting[0]
+            if job.stream.cancelled or job.dispatched or deadline != job.deadline:  # or rescheduled
+                heapq.heappop(self.waiting)
                 continue
             worker = min(free, key=lambda w: len(w.jobs))
+            if worker.jobs and deadline > time.monotonic() + READY_HORIZON:
+                return  # a worker's second job runs first whatever comes next: keep it for a sooner one
+            heapq.heappop(self.waiting)
             if not worker.jobs:
                 worker.progress_at = trio.current_time()  # idle until now: the stall clock starts here
+            job.dispatched = True
             worker.jobs[job.id] = job
             worker.post(wire.synth_frame(job.id, job.stream.wpm, job.stream.voice_name, job.text))
 
+    def reschedule(self, job: Job, deadline: float) -> None:
+        """A waiting job's deadline, better known now: queued again by it (the old entry is skipped)."""
+        if not job.dispatched and deadline != job.deadline:
+            job.deadline = deadline
+            heapq.heappush(self.waiting, (deadline, job.id, job))
+
     def cancel(self, stream: EspeakStream) -> None:
-        job = stream.job
-        if job is None:
-            return
-        for worker in self.workers:
-            if job.id in worker.jobs:
-                worker.post(wire.frame(wire.CANCEL, job.id))
-                return
-        # Still waiting: it is skipped when it comes up.
-        self.engine.jobs_cancelled += 1
-        stream.job = None
+        """CANCEL the stream's running jobs; its waiting ones are skipped when they come up."""
+        for job in list(stream.jobs):
+            for worker in self.workers:
+                if job.id in worker.jobs:
+                    worker.post(wire.frame(wire.CANCEL, job.id))
+                    break
+            else:
+                if not job.done:
+                    self.engine.jobs_cancelled += 1
+                stream.forget(job)
 
     @property
     def running(self) -> int:
