@@ -18,7 +18,7 @@ import collections
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import attrs
 import trio
@@ -43,6 +43,10 @@ class PlayoutListener(Protocol):
     def on_utterance_played(self, utterance: int) -> None: ...
 
 
+# When play-finished is MARK_MEDIA's (real playout) rather than the modelled clock's.
+UseMarks = Literal["auto", "always", "never"]
+
+
 @attrs.frozen
 class PacingConfig:
     # These defaults ARE what ships: DaemonConfig (serve), the demo and `make bench`'s "shipped" rows all
@@ -58,7 +62,7 @@ class PacingConfig:
     # BRIDGE_WAIT_MS; docs/architecture.md "Waiting for the bridge" explains the default.
     bridge_timeout: float = 0.2
     # "auto": use MARK_MEDIA for real playout acknowledgement when the call speaks JSON control.
-    use_marks: str = "auto"
+    use_marks: UseMarks = "auto"
     # None: the absolute timeline, what ships. An injection point for benchmarks only, which compare
     # other pacing against it (bench/baselines.py): called once per MediaSocket, it returns the step
     # run for each frame due (see MediaSocket.send_due and the timeline attributes).
@@ -71,7 +75,7 @@ class PacingConfig:
             raise ValueError("frames_per_message must be at least 1")
         if not self.bridge_timeout >= 0:
             raise ValueError(f"bridge_timeout must not be negative: {self.bridge_timeout}")
-        if self.use_marks not in {"auto", "always", "never"}:
+        if self.use_marks not in get_args(UseMarks):
             raise ValueError(f"use_marks must be auto, always or never: {self.use_marks!r}")
 
 
