@@ -28,11 +28,7 @@ choice (tests/test_shipped_defaults.py checks CHOSEN against them).
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any, cast
@@ -40,7 +36,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from bench.pacing_cpu import measure
+from bench.pacing_cpu import light_receiver, measure
 from bench.procs import ROOT
 from bench.recording import raise_fd_limit
 from tts_streamer.actors.audio import AudioChannel, AudioChunk, UtteranceEnd
@@ -155,33 +151,13 @@ def stall_runs(lead: int, fpm: int) -> dict[str, Any]:
 
 
 def cpu_runs(points: list[tuple[int, int]], sessions: int, seconds: float) -> dict[tuple[int, int], Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4096)
-        port = listener.getsockname()[1]
-        cmd = [sys.executable, "-m", "bench.receiver", "--listen-fd", str(listener.fileno())]
-        cmd += ["--out", str(Path(tmp) / "sweep"), "--max-seconds", "1800", "--capacity", "8000000"]
-        receiver = subprocess.Popen(
-            cmd, cwd=ROOT, pass_fds=[listener.fileno()], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
-        )
-        listener.close()
-        out = {}
-        try:
-            time.sleep(0.3)
-            for lead, fpm in points:
-                pacing = PacingConfig(lead_frames=lead, frames_per_message=fpm, bridge_timeout=0.0)
-                clock = trio.testing.MockClock(rate=1.0)
-                out[(lead, fpm)] = trio.run(measure, port, sessions, seconds, pacing, clock, clock=clock)
-                print(
-                    f"  cpu L={lead} F={fpm}: {out[(lead, fpm)]['us_per_session_second']:.0f} us/s",
-                    flush=True,
-                )
-        finally:
-            assert receiver.stdin is not None
-            receiver.stdin.write(b"STOP\n")
-            receiver.stdin.close()
-            receiver.wait(timeout=60)
+    out = {}
+    with light_receiver(max_seconds=1800, capacity=8_000_000) as port:
+        for lead, fpm in points:
+            pacing = PacingConfig(lead_frames=lead, frames_per_message=fpm, bridge_timeout=0.0)
+            clock = trio.testing.MockClock(rate=1.0)
+            out[(lead, fpm)] = trio.run(measure, port, sessions, seconds, pacing, clock, clock=clock)
+            print(f"  cpu L={lead} F={fpm}: {out[(lead, fpm)]['us_per_session_second']:.0f} us/s", flush=True)
     return out
 
 

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -118,6 +120,37 @@ async def measure(
     return result
 
 
+@contextmanager
+def light_receiver(*, max_seconds: int, capacity: int) -> Iterator[int]:
+    """bench/receiver.py in a process of its own on a loopback port (yielded); stopped on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)
+        port = listener.getsockname()[1]
+        cmd = [sys.executable, "-m", "bench.receiver", "--listen-fd", str(listener.fileno())]
+        cmd += [
+            "--out",
+            str(Path(tmp) / "cpu"),
+            "--max-seconds",
+            str(max_seconds),
+            "--capacity",
+            str(capacity),
+        ]
+        receiver = subprocess.Popen(
+            cmd, cwd=ROOT, pass_fds=[listener.fileno()], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
+        listener.close()
+        try:
+            time.sleep(0.3)
+            yield port
+        finally:
+            assert receiver.stdin is not None
+            receiver.stdin.write(b"STOP\n")
+            receiver.stdin.close()
+            receiver.wait(timeout=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pacing_cpu", description=__doc__)
     p.add_argument("--sessions", default="200,500")
@@ -129,36 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     tune_gc()
     pacing = PacingConfig(lead_frames=args.lead, frames_per_message=args.fpm, bridge_timeout=0.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4096)
-        port = listener.getsockname()[1]
-        cmd = [sys.executable, "-m", "bench.receiver", "--listen-fd", str(listener.fileno())]
-        cmd += ["--out", str(Path(tmp) / "cpu"), "--max-seconds", "600", "--capacity", "4000000"]
-        receiver = subprocess.Popen(
-            cmd, cwd=ROOT, pass_fds=[listener.fileno()], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
-        )
-        listener.close()
-        try:
-            time.sleep(0.3)
-            for n in [int(x) for x in args.sessions.split(",")]:
-                clock = None if args.real_time else trio.testing.MockClock(rate=1.0)
-                r = trio.run(measure, port, n, args.seconds, pacing, clock, clock=clock)
-                print(
-                    f"N={n} L={args.lead} F={args.fpm}: {r['us_per_message']:.1f} us/message, "
-                    f"{r['us_per_session_second']:.0f} us CPU per session-second "
-                    f"({r['cpu_pct']:.0f}% of a core, {100 * r['system_share']:.0f}% of it in the kernel), "
-                    f"frames {r['frames_per_s_ratio']:.3f} of real time, sender lateness p99 "
-                    f"{r['lateness_p99_ms']:.1f} ms, {r['restarts']} restarts, "
-                    f"{r['gen2_collections']} gen2 GCs",
-                    flush=True,
-                )
-        finally:
-            assert receiver.stdin is not None
-            receiver.stdin.write(b"STOP\n")
-            receiver.stdin.close()
-            receiver.wait(timeout=60)
+    with light_receiver(max_seconds=600, capacity=4_000_000) as port:
+        for n in [int(x) for x in args.sessions.split(",")]:
+            clock = None if args.real_time else trio.testing.MockClock(rate=1.0)
+            r = trio.run(measure, port, n, args.seconds, pacing, clock, clock=clock)
+            print(
+                f"N={n} L={args.lead} F={args.fpm}: {r['us_per_message']:.1f} us/message, "
+                f"{r['us_per_session_second']:.0f} us CPU per session-second "
+                f"({r['cpu_pct']:.0f}% of a core, {100 * r['system_share']:.0f}% of it in the kernel), "
+                f"frames {r['frames_per_s_ratio']:.3f} of real time, sender lateness p99 "
+                f"{r['lateness_p99_ms']:.1f} ms, {r['restarts']} restarts, "
+                f"{r['gen2_collections']} gen2 GCs",
+                flush=True,
+            )
     return 0
 
 
