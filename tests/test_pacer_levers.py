@@ -177,3 +177,31 @@ async def test_the_modelled_play_finished_clock_counts_from_a_timeline_starting_
         await listener.played.wait()
         assert trio.current_time() == pytest.approx(10 * 0.020 + 0.020, abs=1e-9)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_flush_landing_between_the_clocks_wake_and_the_pacer_is_harmless(autojump_clock):
+    """The clock reschedules a due pacer; a flush due at the same instant can run before the pacer does
+    (its wake then finds no live entry). Trio runs a batch forwards or backwards at random, so flushing
+    at the exact due time 40 times hits that order with certainty (it crashed the pacer: t0 was None)."""
+    conn = SlowConnection()
+
+    async def send_command(command: object) -> None:
+        pass
+
+    conn.send_command = send_command  # type: ignore[method-assign]
+    send, recv = trio.open_memory_channel[AudioItem](64)
+    pacing = PacingConfig(lead_frames=3, frames_per_message=10)
+    media = MediaSocket(cast(MediaConnection, conn), recv, Listener(), pacing)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(media.serve)
+        for utterance in range(40):
+            await send.send(AudioChunk(utterance, b"\x10" * 160 * 50))
+            started = trio.current_time()
+            # The first message (frames 0-9) goes out at once; frame 10 is due 7 ticks later.
+            await trio.sleep_until(started + 0.140)
+            await media.flush(utterance + 1)
+        await send.send(AudioChunk(40, b"\x20" * 160 * 10))
+        await send.send(UtteranceEnd(40))
+        await trio.sleep(1.0)
+        assert conn.writes, "the pacer is still alive and speaking"
+        nursery.cancel_scope.cancel()

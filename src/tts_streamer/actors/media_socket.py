@@ -217,17 +217,19 @@ class MediaSocket:
                 self.stats.timeline_restarts += 1
             self.t0 = now
             self.n = 0
-        deadline = self.t0 + (self.n - self._config.lead_frames) * self._ptime
+        t0 = self.t0
+        deadline = t0 + (self.n - self._config.lead_frames) * self._ptime
         if deadline > now:
             if not await self.alarm.wait_until(deadline):
                 return  # flushed while waiting: start over with what is left
         else:
             # Due already (the lead, or catching up): the send below need not yield, so yield here.
-            t0 = self.t0
             await trio.lowlevel.checkpoint()
-            if self.t0 is not t0:
-                return  # flushed meanwhile: start over with what is left
-        await self.send_due(max(deadline, self.t0))
+        # A flush can also land after the clock woke us and before we ran (the wake then finds no
+        # live entry): the timeline we waited on is gone, so start over with what is left.
+        if self.t0 is not t0:
+            return
+        await self.send_due(max(deadline, t0))
 
     async def _wait_for_bridge(self) -> None:
         waiting_from = trio.current_time()
