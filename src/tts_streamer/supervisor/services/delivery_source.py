@@ -39,6 +39,7 @@ import attrs
 import trio
 
 from tts_streamer.adapters.amqp.bridge import Delivery
+from tts_streamer.adapters.amqp.event_publisher import Sink
 from tts_streamer.adapters.voipbin.routes import RouteName
 from tts_streamer.supervisor.config import DELIVERY_ALLOWANCE
 
@@ -48,25 +49,15 @@ CREATE_ROUTES: Final = frozenset({RouteName.STREAMING_CREATE, RouteName.SPEAKING
 SPEECH_CALLER_TIMEOUT: Final = 10.0  # call-manager's talk action waits 10 s for POST /v1/speeches
 
 
-class DeliverySource(Protocol):
-    """Requests in, replies and forwarded requests out (``AmqpBridge`` is one)."""
+class DeliverySource(Sink, Protocol):
+    """Requests in, replies and forwarded requests out (``AmqpBridge`` is one); ``publish`` is the
+    event publisher's ``Sink``."""
 
     deliveries: trio.MemoryReceiveChannel[Delivery]
 
     async def ack(self, delivery: Delivery) -> bool:
         """Acknowledge a delivery when it is taken up; False if that is no longer possible."""
         ...
-
-    async def publish(
-        self,
-        routing_key: str,
-        body: bytes,
-        *,
-        exchange: str = "",
-        correlation_id: str | None = None,
-        reply_to: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-    ) -> None: ...
 
     def reply(
         self,
