@@ -157,16 +157,21 @@ async def test_synthesis_runs_in_another_process(engine: EspeakEngine) -> None:
     assert "libespeak-ng" in _maps(pid)
 
 
-def test_cancel_stops_the_worker_within_one_buffer() -> None:
+def _worker_argv() -> list[str]:
+    """The command line of one espeak-ng worker process, driven directly by a test."""
     import espeakng_loader
 
-    argv = [
+    return [
         sys.executable,
         "-m",
         wire.__name__,
         f"--library={espeakng_loader.get_library_path()}",
         f"--data={espeakng_loader.get_data_path()}",
     ]
+
+
+def test_cancel_stops_the_worker_within_one_buffer() -> None:
+    argv = _worker_argv()
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
         assert proc.stdin is not None and proc.stdout is not None
 
@@ -283,15 +288,7 @@ def test_the_worker_protocol_has_no_trio() -> None:
 
 
 def test_ready_frame_names_the_worker_pid() -> None:
-    import espeakng_loader
-
-    argv = [
-        sys.executable,
-        "-m",
-        wire.__name__,
-        f"--library={espeakng_loader.get_library_path()}",
-        f"--data={espeakng_loader.get_data_path()}",
-    ]
+    argv = _worker_argv()
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         size, kind, _job = wire.HEADER.unpack(proc.stdout.read(wire.HEADER.size))
