@@ -12,8 +12,9 @@ import trio
 from tts_streamer.actors.events import SessionEvent
 from tts_streamer.actors.media_socket import PacingConfig
 from tts_streamer.actors.session import SessionConfig
+from tts_streamer.adapters.chan_websocket.client import websocket_dialer
 from tts_streamer.adapters.voice import VoiceEngine
-from tts_streamer.simulator.asterisk import AsteriskSimulator, Dialer, memory_dialer
+from tts_streamer.simulator.asterisk import AsteriskSimulator, Dialer, memory_connector
 from tts_streamer.supervisor.ops.console_views import task_tree
 from tts_streamer.supervisor.sessions import Supervisor, open_supervisor
 
@@ -77,7 +78,8 @@ async def open_sim_supervisor(
     async with open_supervisor(
         engines={engine.name: engine},
         default_engine=engine.name,
-        dialer=dialer or memory_dialer(sim, nursery),
+        # The production client over in-memory streams: what ships, caller-audio filter included.
+        dialer=dialer or websocket_dialer(connect=memory_connector(sim, nursery)),
         events=sink,
         config=config or SessionConfig(pacing=pacing),
     ) as supervisor:

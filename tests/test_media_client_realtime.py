@@ -114,7 +114,7 @@ async def test_frames_written_past_a_full_socket_buffer_arrive_whole(monkeypatch
             port = await nursery.start(serve_asterisk_simulator, sim, "127.0.0.1", 0)
             uri = f"ws://127.0.0.1:{port}/media/c1"
             async with client.open_media_connection(uri, websocket_dialer()) as conn:
-                raw = conn._ws._stream.socket  # type: ignore[attr-defined]
+                raw = conn._ws._stream.inner.socket  # type: ignore[attr-defined]
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2048)
                 for payload in payloads:
                     await conn.send_audio(payload)

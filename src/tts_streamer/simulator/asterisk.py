@@ -20,7 +20,7 @@ import itertools
 import math
 import random
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import NoReturn, cast
 
@@ -397,6 +397,25 @@ def memory_dialer(sim: AsteriskSimulator, nursery: trio.Nursery) -> Dialer:
             raise _unwrap(group) from None
 
     return dial
+
+
+def memory_connector(
+    sim: AsteriskSimulator, nursery: trio.Nursery
+) -> Callable[[str], Awaitable[trio.abc.Stream]]:
+    """A byte stream to ``sim`` in place of TCP: for the production dialer's ``connect``.
+
+    With it, tests run tts-streamer's own WebSocket client (caller-audio filter and read pacing
+    included) against the simulator in virtual time; ``memory_dialer`` replaces the client instead.
+    """
+
+    async def connect(media_uri: str) -> trio.abc.Stream:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        resource = urllib.parse.urlsplit(media_uri).path
+        nursery.start_soon(sim.serve_stream, server_end, name=f"sim-conn[{resource}]")
+        await trio.lowlevel.checkpoint()
+        return client_end
+
+    return connect
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -22,6 +22,12 @@ import trio
 import trio_websocket
 
 from tts_streamer.adapters.chan_websocket import framing, protocol
+from tts_streamer.adapters.chan_websocket.dial import (
+    CALLER_AUDIO_READ_INTERVAL,
+    CallerAudioStream,
+    StreamConnector,
+    open_media_websocket,
+)
 from tts_streamer.adapters.chan_websocket.protocol import (
     MAX_MESSAGE_PAYLOAD,
     Command,
@@ -55,17 +61,28 @@ class MediaTimeouts:
     close: float = 2.0
 
 
-def websocket_dialer(timeouts: MediaTimeouts = MediaTimeouts()) -> Dialer:
-    """The production dialer: a real WebSocket client offering only the ``media`` subprotocol."""
+def websocket_dialer(
+    timeouts: MediaTimeouts = MediaTimeouts(),
+    caller_audio_read_interval: float = CALLER_AUDIO_READ_INTERVAL,
+    *,
+    connect: StreamConnector | None = None,
+) -> Dialer:
+    """The production dialer: a real WebSocket client offering only the ``media`` subprotocol.
+
+    Caller audio never reaches trio-websocket (``dial.CallerAudioStream``): it is counted as read.
+    ``connect`` replaces TCP/TLS by another byte stream (the simulator's in-memory one in tests).
+    """
 
     def dial(media_uri: str) -> AbstractAsyncContextManager[trio_websocket.WebSocketConnection]:
-        return trio_websocket.open_websocket_url(
+        return open_media_websocket(
             media_uri,
             subprotocols=["media"],
             connect_timeout=timeouts.connect,
             disconnect_timeout=timeouts.close,
             # Several control events can arrive back to back (e.g. a mark right after XON).
             message_queue_size=16,
+            read_interval=caller_audio_read_interval,
+            connect=connect,
         )
 
     return dial
@@ -90,12 +107,18 @@ class MediaConnection:
         self.media_start = media_start
         # When MEDIA_START arrived (Trio's clock): the leg cannot join its bridge before this.
         self.started_at = trio.current_time()
-        self.stats = ConnectionStats()
+        self._stats = ConnectionStats()
         self._ws = ws
         self._timeouts = timeouts
         # Set by the first caller frame: Asterisk sends none while unbridged. Its absence proves
         # nothing (voipbin's snoop bridge never sends any), so waiting on it must be bounded.
         self.bridged = trio.Event()
+        # Under the production dialer caller audio is counted by the stream and never becomes a
+        # message; a test double's WebSocketConnection delivers it as messages, counted below.
+        stream = getattr(ws, "_stream", None)
+        self._caller_audio = stream if isinstance(stream, CallerAudioStream) else None
+        if self._caller_audio is not None:
+            self.bridged = self._caller_audio.first_frame
         self._resumed = trio.Event()
         self._resumed.set()
         self._mark_handlers: dict[str, Callable[[], None]] = {}
@@ -108,6 +131,12 @@ class MediaConnection:
         self._raw = isinstance(getattr(ws, "_stream_lock", None), trio.StrictFIFOLock) and hasattr(
             ws, "_stream"
         )
+
+    @property
+    def stats(self) -> ConnectionStats:
+        if self._caller_audio is not None:
+            self._stats.caller_frames_received = self._caller_audio.caller_audio.frames
+        return self._stats
 
     @property
     def paused(self) -> bool:
@@ -132,12 +161,12 @@ class MediaConnection:
             await self._send_frame(framing.binary_frame(payload, self._masking_keys.next()))
         else:
             await self._send(payload)
-        self.stats.messages_sent += 1
-        self.stats.bytes_sent += len(payload)
+        self._stats.messages_sent += 1
+        self._stats.bytes_sent += len(payload)
 
     async def send_command(self, command: Command) -> None:
         await self._send(protocol.render_command(command, self.media_start.control_format))
-        self.stats.commands_sent += 1
+        self._stats.commands_sent += 1
 
     async def _send(self, message: bytes | str) -> None:
         started = trio.current_time()
@@ -219,7 +248,7 @@ class MediaConnection:
             while True:
                 message = await self._ws.get_message()
                 if isinstance(message, bytes):
-                    self.stats.caller_frames_received += 1
+                    self._stats.caller_frames_received += 1
                     # Asterisk sends caller media only once the leg is bridged (chan_websocket.md §8).
                     self.bridged.set()
                 else:
@@ -231,13 +260,13 @@ class MediaConnection:
         try:
             event = protocol.parse_event(text)
         except protocol.ProtocolError as exc:
-            self.stats.protocol_errors += 1
+            self._stats.protocol_errors += 1
             log.warning("conn=%s unparsable control message %r: %s", self.connection_id, text[:80], exc)
             return
         if isinstance(event, MediaStart):
             log.warning("conn=%s second MEDIA_START ignored", self.connection_id)
             return
-        self.stats.control_events_received += 1
+        self._stats.control_events_received += 1
         if event.name == "MEDIA_XOFF":
             self._resumed = trio.Event()
         elif event.name == "MEDIA_XON":
@@ -256,6 +285,8 @@ class MediaConnection:
 
 def _raw_socket(stream: object) -> socket.socket | None:
     """The stdlib socket under a plain trio SocketStream (None for TLS, memory streams, doubles)."""
+    if isinstance(stream, CallerAudioStream):
+        stream = stream.inner
     if type(stream) is not trio.SocketStream:
         return None
     raw = getattr(stream.socket, "_sock", None)
