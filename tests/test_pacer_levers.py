@@ -14,7 +14,6 @@ from tests.lifecycle_support import StallableStream, stalling_dialer
 from tests.test_pacing_modes import Listener, SlowConnection
 from tts_streamer.actors.audio import AudioChunk, AudioItem, UtteranceEnd
 from tts_streamer.actors.media_socket import MediaSocket, PacingConfig
-from tts_streamer.actors.pacer_clock import Alarm, current_clock
 from tts_streamer.adapters.chan_websocket import framing
 from tts_streamer.adapters.chan_websocket.client import (
     MediaConnection,
@@ -23,6 +22,7 @@ from tts_streamer.adapters.chan_websocket.client import (
     open_media_connection,
 )
 from tts_streamer.adapters.chan_websocket.protocol import MAX_MESSAGE_PAYLOAD
+from tts_streamer.pacer_clock import Alarm, current_clock
 from tts_streamer.simulator.asterisk import AsteriskSimulator
 
 

@@ -24,11 +24,11 @@ import attrs
 import trio
 
 from tts_streamer.actors.audio import AudioChunk, AudioItem, AudioSource, UtteranceEnd
-from tts_streamer.actors.pacer_clock import Alarm
 from tts_streamer.actors.stats import LatenessRecorder
 from tts_streamer.adapters.chan_websocket import protocol
 from tts_streamer.adapters.chan_websocket.client import MediaConnection
 from tts_streamer.adapters.chan_websocket.protocol import ControlFormat
+from tts_streamer.pacer_clock import Alarm
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class MediaSocket:
         self.ptime = self._ptime
         self.lead_frames = config.lead_frames
         self._send_lock = trio.Lock()
-        # Woken early by a flush; the pacer waits on it instead of sleeping (actors/pacer_clock.py).
+        # Woken early by a flush; the pacer waits on it instead of sleeping (tts_streamer/pacer_clock.py).
         self.alarm = Alarm()
         self._step = self._pace_absolute if config.step is None else config.step(self)
         self._playout_send, self._playout_recv = trio.open_memory_channel[tuple[float, int]](math.inf)

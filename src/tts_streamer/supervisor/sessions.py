@@ -16,10 +16,10 @@ import trio
 
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.events import EventSink, StopReason
-from tts_streamer.actors.pacer_clock import current_clock
 from tts_streamer.actors.session import Session, SessionConfig, SessionStartError
 from tts_streamer.adapters.chan_websocket.client import Dialer
 from tts_streamer.adapters.voice import VoiceEngine, VoiceSpec
+from tts_streamer.pacer_clock import current_clock
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,8 @@ due. Each MediaSocket keeps its own timeline and phase: the clock only does the 
 deadline each one asked for (no global tick, no buckets).
 
 A parked task is woken early by ``Alarm.wake`` (a flush) and, like any Trio wait, by cancellation.
+The media client paces its reads of caller audio with it too (``chan_websocket.dial``), hence its
+place beside the other shared primitives rather than in ``actors``.
 """
 
 from __future__ import annotations
