@@ -332,3 +332,18 @@ def test_espeak_workers_setting() -> None:
     default = len(os.sched_getaffinity(0))
     for bad in ("", "-2", "many"):
         assert getattr(build_engines({"ESPEAK_WORKERS": bad})[0]["espeak"], "workers", None) == default
+
+
+def test_a_worker_defers_to_the_daemon_for_the_cpu() -> None:
+    """Its bursts must not hold the daemon's loop off the CPU: lower priority and no wake-up preemption."""
+    argv = _worker_argv()
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        wire.HEADER.unpack(proc.stdout.read(wire.HEADER.size))  # READY: the worker has set itself up
+        try:
+            expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+            assert os.getpriority(os.PRIO_PROCESS, proc.pid) == expected
+            assert os.sched_getscheduler(proc.pid) == os.SCHED_BATCH
+        finally:
+            proc.stdin.close()
+            assert proc.wait(timeout=5) == 0
