@@ -149,10 +149,17 @@ class MediaConnection:
     def on_mark(self, mark_id: str, handler: Callable[[], None]) -> None:
         """Call ``handler`` when Asterisk reports MEDIA_MARK_PROCESSED for ``mark_id``."""
         self._mark_handlers[mark_id] = handler
+        self._marks_changed()
 
     def forget_marks(self) -> None:
         """FLUSH_MEDIA drops queued marks: they will never be reported."""
         self._mark_handlers.clear()
+        self._marks_changed()
+
+    def _marks_changed(self) -> None:
+        # A mark's report is a playout time: read it as it comes, not at the caller-audio read pace.
+        if self._caller_audio is not None:
+            self._caller_audio.read_promptly(bool(self._mark_handlers))
 
     async def send_audio(self, payload: bytes) -> None:
         if len(payload) > MAX_MESSAGE_PAYLOAD:
@@ -274,6 +281,7 @@ class MediaConnection:
         elif event.name == "MEDIA_MARK_PROCESSED":
             handler = self._mark_handlers.pop(event.argument, None)
             if handler is not None:
+                self._marks_changed()
                 handler()
         elif event.name == "ERROR":
             log.warning("conn=%s Asterisk reported an error: %s", self.connection_id, event.argument)

@@ -7,7 +7,9 @@ trio-websocket: caller audio is counted and dropped as it is read (``caller_audi
 flows the socket is read at most once per ``read_interval`` so that one read takes several frames
 from the kernel rather than waking the loop 50 times a second per call. Everything else reaches
 trio-websocket unchanged: a close, a ping or a control message waits at most ``read_interval``
-while caller audio flows, and not at all on a leg that gets none (voipbin's snoop bridge).
+while caller audio flows, and not at all on a leg that gets none (voipbin's snoop bridge). While a
+MEDIA_MARK_PROCESSED is awaited (``read_promptly``: the connection has a mark outstanding) reads are
+not paced, so a play-finished report keeps its accuracy (bench/lead_sweep.py allows 40 ms).
 
 ``open_media_websocket`` is ``trio_websocket.open_websocket_url`` with that stream under it
 (``wrap_client_stream`` is trio-websocket's public hook for a stream of one's own).
@@ -53,6 +55,15 @@ class CallerAudioStream(trio.abc.Stream):
         # The pacers' clock, not trio.sleep_until: a sleep is a cancel scope and a Cancelled per wake-up,
         # which cost as much as the read itself (py-spy, 500 calls with caller audio).
         self._alarm = Alarm()
+        self._prompt = False
+
+    def read_promptly(self, prompt: bool) -> None:
+        """While ``prompt``, read as soon as anything arrives (a mark is awaited: its report is a
+        playout time); otherwise pace reads while caller audio flows."""
+        self._prompt = prompt
+        if prompt:
+            self._next_read = -math.inf
+            self._alarm.wake()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -65,7 +76,7 @@ class CallerAudioStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while not self._ready:
-            if self._next_read > trio.current_time():
+            if not self._prompt and self._next_read > trio.current_time():
                 await self._alarm.wait_until(self._next_read)
             before = self.caller_audio.frames
             data = await self.inner.receive_some(_READ_BYTES)
@@ -78,7 +89,8 @@ class CallerAudioStream(trio.abc.Stream):
             if self.caller_audio.frames != before:
                 self.first_frame.set()
                 # Caller audio comes at 50 frames a second for as long as the leg is bridged.
-                self._next_read = trio.current_time() + self._read_interval
+                if not self._prompt:
+                    self._next_read = trio.current_time() + self._read_interval
         if max_bytes is None or len(self._ready) <= max_bytes:
             out, self._ready = self._ready, b""
         else:
