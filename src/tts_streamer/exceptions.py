@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import trio
+
 E = TypeVar("E", bound=BaseException)
 
 
@@ -23,3 +25,15 @@ def leaves(exc: BaseException) -> list[BaseException]:
 def first_of(exc: BaseException, kind: type[E]) -> E | None:
     """The first leaf of type ``kind`` inside ``exc``, if any."""
     return next((leaf for leaf in leaves(exc) if isinstance(leaf, kind)), None)
+
+
+def sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a context manager that hides its nursery should raise, as trio-websocket's own do: the one
+    exception in ``group`` that is not a Cancelled; a Cancelled if that is all there is; else ``group``."""
+    found = leaves(group)
+    real = [exc for exc in found if not isinstance(exc, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real and found:
+        return found[0]
+    return group

@@ -43,6 +43,7 @@ from tts_streamer.adapters.chan_websocket.protocol import (
     MediaStart,
     render_event,
 )
+from tts_streamer.exceptions import sole_error
 from tts_streamer.simulator.asterisk_call import ClientFault, SentEvent, SimCall, SimConfig
 from tts_streamer.simulator.asterisk_playout import TICK, Playout
 from tts_streamer.simulator.ws_tap import WireTap
@@ -394,7 +395,7 @@ def memory_dialer(sim: AsteriskSimulator, nursery: trio.Nursery) -> Dialer:
                     except trio.TooSlowError:
                         raise DisconnectionTimeout from None
         except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            raise sole_error(group) from None
 
     return dial
 
@@ -416,23 +417,3 @@ def memory_connector(
         return client_end
 
     return connect
-
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """Raise what open_websocket_url would: the one real error, not trio's group around it."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    real = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
-    if len(real) == 1:
-        return real[0]
-    if not real and leaves:
-        return leaves[0]
-    return group

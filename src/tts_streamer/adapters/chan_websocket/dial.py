@@ -28,7 +28,7 @@ import trio
 import trio_websocket
 
 from tts_streamer.adapters.chan_websocket.caller_audio import CallerAudioFilter
-from tts_streamer.exceptions import leaves
+from tts_streamer.exceptions import sole_error
 from tts_streamer.pacer_clock import Alarm
 
 # How long caller audio may gather in the kernel between reads: 5 frames at 20 ms. It is also the
@@ -133,17 +133,6 @@ async def _open_stream(target: MediaURL, ssl_context: ssl.SSLContext | None) -> 
     )
 
 
-def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception that matters in the connection's nursery group (as open_websocket does)."""
-    found = leaves(group)
-    real = [exc for exc in found if not isinstance(exc, trio.Cancelled)]
-    if len(real) == 1:
-        return real[0]
-    if not real and found:
-        return found[0]
-    return group
-
-
 @asynccontextmanager
 async def open_media_websocket(
     url: str,
@@ -190,7 +179,7 @@ async def open_media_websocket(
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _unwrapped(group) from None
+        raise sole_error(group) from None
     finally:
         if stream is not None:
             await trio.aclose_forcefully(stream)
