@@ -98,6 +98,26 @@ async def test_idle_connections_cannot_starve_the_media_server(nursery, tmp_path
 
 
 @pytest.mark.realtime
+async def test_a_full_server_closes_nobody_until_another_client_comes(nursery):
+    """Room is made for a client that is there, not in advance: the accept loop used to take the next
+    slot right after an accept and so closed a connection at once, even one whose request was on its way
+    (the liveness probe, on a starved machine: an empty reply)."""
+
+    async def live(_request: HttpRequest) -> HttpResponse:
+        return HttpResponse.text(200, "ok")
+
+    server = HttpServer({("GET", "/health/live"): live}, timeouts=PATIENT, max_connections=2)
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    async with idle_connections(port, 2) as idle:
+        assert await closed_by_server(idle, wait=0.5) == 0
+        assert server.slots.shed_total == 0
+        with trio.fail_after(10):
+            reply = await http_get(port, "/health/live")  # a third client: now one idle one makes room
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert server.slots.shed_total == 1
+
+
+@pytest.mark.realtime
 async def test_a_slowloris_is_cut_at_the_header_deadline(nursery):
     supervisor, _bus = idle_supervisor(nursery)
     timeouts = HttpTimeouts(header=0.5, idle=120.0, request=120.0)

@@ -63,6 +63,9 @@ async def _accept_loop(
 ) -> None:
     async with listener, trio.open_nursery() as connections:
         while True:
+            # Take a slot only for a client that is there: at the limit, taking one closes a
+            # connection, and taken ahead of time that could be one whose request is on its way.
+            await trio.lowlevel.wait_readable(listener.socket)
             await slots.acquire()
             try:
                 stream = await listener.accept()
