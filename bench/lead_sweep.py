@@ -1,7 +1,7 @@
 """What a longer lead and longer messages cost, and the rule that picks the shipped defaults.
 
 ``python -m bench.lead_sweep`` (or ``python -m bench.run --only lead-sweep``) sweeps lead_frames x
-frames_per_message (leads up to 500 ms, messages up to 200 ms) and measures, per point:
+frames_per_message (leads up to 500 ms, messages up to 400 ms) and measures, per point:
 
 - CPU per session-second of the pacing path (bench/pacing_cpu.py: N real WebSockets to the
   lightweight receiver, the window on an autojump MockClock, so the work does not depend on how busy
@@ -49,7 +49,9 @@ from tts_streamer.simulator.asterisk_call import SimConfig
 from tts_streamer.supervisor.gc_tuning import tune_gc
 
 LEADS = (3, 5, 10, 15, 20, 25)  # 60 ms .. 500 ms
-FPMS = (1, 5, 10)  # 20 ms .. 200 ms per message
+# 20 ms .. 400 ms per message (issue 16 asked for up to 200 ms; 400 ms was added when the send system
+# call turned out to be most of a message's cost: 30 % less CPU per session-second, every rule met).
+FPMS = (1, 5, 10, 20)
 STALLS_MS = (0, 100, 200, 300, 400)
 # When the stall starts, seconds into the utterance: spread over one 200 ms message period, so the
 # stall meets the queue at its fullest and at its emptiest (just before a message is due).
@@ -61,7 +63,7 @@ XOFF_HEADROOM = 800  # frames left below XOFF (900): Asterisk's queue stays unde
 PLAY_FINISHED_SLACK_MS = 40.0  # two ticks: the modelled clock cannot know Asterisk's tick phase
 UTTERANCE_S = 3.0
 # What the rule chose on this machine (bench/results/2026-12-03-lead-sweep.md); PacingConfig ships it.
-CHOSEN = (15, 10)
+CHOSEN = (15, 20)
 
 
 class _Played:

@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
     p.add_argument("--sweep-sessions", type=int, help="N for the lead/frames-per-message sweep (default 200)")
     p.add_argument("--sweep-duration", type=float, help="seconds per sweep point (default 15)")
     p.add_argument("--sweep-leads", help="default 3,15 (the old and the shipped lead)")
-    p.add_argument("--sweep-fpm", help="frames per message, default 5,10")
+    p.add_argument("--sweep-fpm", help="frames per message, default 10,20")
     p.add_argument("--speed", type=float, default=4.0, help="synthetic vendor speed vs real time (default 4)")
     p.add_argument("--amqp-rate", type=float, help="command plane requests/s (default 1000; 0: skip)")
     p.add_argument("--amqp-requests", type=int, help="command plane requests (default 5000)")
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None, doc: str | None = None) -> argparse.Names
         "inf_sessions": "" if quick else "100",
         # Six points rather than twelve keep the whole `make bench` within ~25 min with the issue 16 rows.
         "sweep_leads": "0" if quick else "3,15",
-        "sweep_fpm": "5" if quick else "5,10",
+        "sweep_fpm": "5" if quick else "10,20",
         "amqp_rate": 100.0 if quick else 1000.0,
         "amqp_requests": 200 if quick else 5000,
     }

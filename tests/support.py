@@ -59,7 +59,7 @@ def tasks_of(call_id: str) -> list[str]:
 
 
 # Most session tests reason frame by frame: they pin one frame per message and the 60 ms lead they
-# were written for (serve ships 10 frames per message and a 300 ms lead, PacingConfig's defaults).
+# were written for (serve ships 20 frames per message and a 300 ms lead, PacingConfig's defaults).
 FRAME_PER_MESSAGE = PacingConfig(lead_frames=3, frames_per_message=1)
 
 

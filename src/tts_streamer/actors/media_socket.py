@@ -51,11 +51,12 @@ UseMarks = Literal["auto", "always", "never"]
 class PacingConfig:
     # These defaults ARE what ships: DaemonConfig (serve), the demo and `make bench`'s "shipped" rows all
     # take them from here, and they are what bench/lead_sweep.py's rule chose (its CHOSEN; results in
-    # bench/results/*-lead-sweep.md): 10 frames (200 ms) per message, the cheapest per session-second,
-    # and a 300 ms lead, the shortest that rides out a 300 ms stall of the loop without a gap.
-    # FLUSH_MEDIA empties Asterisk's queue at once, so the lead costs nothing at barge-in.
+    # bench/results/*-lead-sweep.md): 20 frames (400 ms) per message, the cheapest per session-second
+    # (the send system call is most of a message's cost), and a 300 ms lead, the shortest that rides
+    # out a 300 ms stall of the loop without a gap. FLUSH_MEDIA empties Asterisk's queue at once, so
+    # neither the lead nor the audio a message carries ahead costs anything at barge-in.
     lead_frames: int = 15
-    frames_per_message: int = 10
+    frames_per_message: int = 20
     # Audio sent before the leg joins its bridge is lost, and Asterisk says nothing when it joins:
     # the first audio waits until this long after MEDIA_START, or less if a caller frame (proof of
     # the join) comes first. Counted from the connection, so a say made later goes out at once.
