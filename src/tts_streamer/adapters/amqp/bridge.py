@@ -4,7 +4,8 @@
 configured queues into a Trio channel of ``Delivery`` objects, publishes with publisher confirms under a
 timeout, and runs request/reply calls over one exclusive reply queue with correlation ids. Acks and
 replies to requests, the per-request traffic, go through ``Outbox`` (adapters/amqp/outbox.py) in
-batches instead of one Trio->asyncio crossing each. Every
+batches instead of one Trio->asyncio crossing each, and request deliveries are handed over inline in
+aiormq's reader (adapters/amqp/direct.py) instead of through aio-pika's two tasks each. Every
 aio-pika failure surfaces as ``AmqpUnavailable`` (``AmqpRefused`` when the broker took the publish but
 refused that message); nothing else in the daemon imports aio_pika.
 
@@ -33,11 +34,14 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 import attrs
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 
+from tts_streamer.adapters.amqp.direct import AckToken, DirectDeliveries
 from tts_streamer.adapters.amqp.outbox import Outbox, ReplyDone, batch_callbacks
 from tts_streamer.adapters.amqp.queue_probe import QueueProbe
 from tts_streamer.exceptions import ConfigError
@@ -124,6 +128,7 @@ class AmqpBridge:
             else Outbox(loop, lambda: self._channel, timeout, lambda exc: _unavailable(exc, timeout))
         )
         self._probe = probe
+        self._direct = DirectDeliveries()
         self.deliveries: trio.MemoryReceiveChannel[Delivery]
         self._connection = connection
         self._timeout = timeout
@@ -160,21 +165,21 @@ class AmqpBridge:
         gone, so the broker has requeued it and will redeliver it marked ``redelivered``).
 
         Returns without waiting: the frame is written with the next batch (``Outbox``)."""
-        message = delivery.token
-        if not isinstance(message, AbstractIncomingMessage):
+        token = delivery.token
+        if not isinstance(token, AckToken):
             return True  # acked on receipt
-        channel = message.channel
-        if channel.is_closed or message.delivery_tag is None:
+        channel = token.channel
+        if channel.is_closed:
             log.debug("ack on %s failed: its channel is closed", delivery.queue)
             return False
         if self._outbox is None:
             try:
-                await self._aio(message.ack)
+                await self._aio(channel.basic_ack, token.delivery_tag)
             except AmqpUnavailable as exc:
                 log.debug("ack on %s failed: %s", delivery.queue, exc)
                 return False
             return True
-        self._outbox.ack(channel, message.delivery_tag)
+        self._outbox.ack(channel, token.delivery_tag)
         return True
 
     def reply(self, routing_key: str, body: bytes, *, correlation_id: str | None, done: ReplyDone) -> None:
@@ -280,6 +285,7 @@ class AmqpBridge:
     async def stop_consuming(self) -> None:
         """Cancel the request consumers (drain: callers fail fast instead of timing out here)."""
         for queue, tag in self._consumer_tags:
+            self._direct.remove(tag)
             try:
                 await self._aio(queue.cancel, tag)
             except AmqpUnavailable as exc:
@@ -309,6 +315,11 @@ class AmqpBridge:
     async def _setup(self, topology: Topology, deliveries: trio.MemorySendChannel[Delivery]) -> None:
         channel = await self._aio(self._connection.channel)
         self._channel = channel
+        if topology.manual_ack and self._outbox is not None:
+            await self._hook_direct(channel)
+            reopened = getattr(channel, "reopen_callbacks", None)
+            if reopened is not None:  # a robust channel: its new underlay channel after a reconnect
+                reopened.add(self._hook_direct)
         # Per consumer (global_=False): global QoS is denied by default from RabbitMQ 4.3.
         await self._aio(channel.set_qos, prefetch_count=topology.prefetch, global_=False)
         for spec in topology.exchanges:
@@ -345,7 +356,45 @@ class AmqpBridge:
                 await self._aio(queue.bind, exchange, routing_key=queue_spec.name)
             consumer = self._consumer(queue_spec.name, deliveries, manual_ack=topology.manual_ack)
             tag = await self._aio(queue.consume, consumer)
+            if topology.manual_ack and self._outbox is not None:
+                self._direct.add(tag, self._direct_consumer(queue_spec.name, deliveries))
             self._consumer_tags.append((queue, tag))
+
+    async def _hook_direct(self, channel: Any) -> None:
+        """Request deliveries on ``channel``'s current underlay dispatched inline (direct.py)."""
+        try:
+            underlay = await channel.get_underlay_channel()
+        except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+            log.debug("deliveries not hooked: %s", exc)
+            return
+        self._direct.hook(underlay)
+
+    def _direct_consumer(
+        self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery]
+    ) -> Callable[[DeliveredMessage], None]:
+        """aio-pika's consumer below without its tasks and IncomingMessage (manual ack only)."""
+
+        def on_message(message: DeliveredMessage) -> None:
+            frame = message.delivery
+            assert isinstance(frame, aiormq.spec.Basic.Deliver)  # direct.py hands over deliveries only
+            channel = message.channel
+            properties = message.header.properties
+            tag = frame.delivery_tag or 0
+            if not self._deliver(
+                queue_name,
+                deliveries,
+                message.body,
+                properties.headers,
+                properties.reply_to,
+                properties.correlation_id,
+                properties.timestamp,
+                bool(frame.redelivered),
+                AckToken(channel, tag),
+            ):
+                assert self._outbox is not None
+                self._outbox.reject(channel, tag)
+
+        return on_message
 
     def _consumer(
         self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery], *, manual_ack: bool
@@ -354,38 +403,70 @@ class AmqpBridge:
             if not manual_ack:
                 # At most once, like the Go service: acked before anything is done with it.
                 await message.ack()
-            self.stats.deliveries += 1
-            stamp = message.timestamp
-            headers = dict(message.headers or {})
-            # The broker's own arrival stamp (RabbitMQ >= 3.12 message interceptor), in milliseconds.
-            stamp_ms = headers.get("timestamp_in_ms")
-            delivery = Delivery(
-                queue=queue_name,
-                body=message.body,
-                reply_to=message.reply_to or None,
-                correlation_id=message.correlation_id,
-                headers=headers,
-                received_at=trio.current_time(),
-                redelivered=bool(message.redelivered),
-                timestamp=(
-                    stamp_ms / 1000
-                    if isinstance(stamp_ms, int) and not isinstance(stamp_ms, bool)
-                    else stamp.timestamp()
-                    if isinstance(stamp, datetime.datetime)
-                    else None
-                ),
-                token=message if manual_ack else None,
+            token = (
+                AckToken(message.channel, message.delivery_tag)
+                if manual_ack and message.delivery_tag is not None
+                else None
             )
-            try:
-                deliveries.send_nowait(delivery)
-            except trio.WouldBlock:
-                # Cannot happen while the prefetch window is smaller than the buffer; never run it
-                # late: reject it (not requeued) and let its caller time out.
-                log.error("request buffer full on %s: request dropped", queue_name)
-                if manual_ack:
-                    await message.reject(requeue=False)
+            stamp = message.timestamp
+            delivered = self._deliver(
+                queue_name,
+                deliveries,
+                message.body,
+                message.headers,
+                message.reply_to,
+                message.correlation_id,
+                stamp if isinstance(stamp, datetime.datetime) else None,
+                bool(message.redelivered),
+                token,
+            )
+            if not delivered and manual_ack:
+                await message.reject(requeue=False)
 
         return on_message
+
+    def _deliver(
+        self,
+        queue_name: str,
+        deliveries: trio.MemorySendChannel[Delivery],
+        body: bytes,
+        raw_headers: Mapping[str, Any] | None,
+        reply_to: str | None,
+        correlation_id: str | None,
+        stamp: datetime.datetime | None,
+        redelivered: bool,
+        token: AckToken | None,
+    ) -> bool:
+        """Hand one delivery to the Trio side; False if the buffer was full (the caller rejects it)."""
+        self.stats.deliveries += 1
+        headers = dict(raw_headers or {})
+        # The broker's own arrival stamp (RabbitMQ >= 3.12 message interceptor), in milliseconds.
+        stamp_ms = headers.get("timestamp_in_ms")
+        delivery = Delivery(
+            queue=queue_name,
+            body=body,
+            reply_to=reply_to or None,
+            correlation_id=correlation_id,
+            headers=headers,
+            received_at=trio.current_time(),
+            redelivered=redelivered,
+            timestamp=(
+                stamp_ms / 1000
+                if isinstance(stamp_ms, int) and not isinstance(stamp_ms, bool)
+                else stamp.timestamp()
+                if stamp is not None
+                else None
+            ),
+            token=token,
+        )
+        try:
+            deliveries.send_nowait(delivery)
+        except trio.WouldBlock:
+            # Cannot happen while the prefetch window is smaller than the buffer; never run it
+            # late: reject it (not requeued) and let its caller time out.
+            log.error("request buffer full on %s: request dropped", queue_name)
+            return False
+        return True
 
 
 def _unavailable(exc: BaseException, timeout: float) -> AmqpUnavailable:
