@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,12 +25,14 @@ import pytest
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from tests.amqp_vhost import private_amqp_url
 from tests.services import require_rabbitmq
+from tts_streamer.adapters.amqp import reply_frames
 from tts_streamer.adapters.amqp.bridge import (
     AmqpRefused,
     AmqpUnavailable,
@@ -38,7 +41,7 @@ from tts_streamer.adapters.amqp.bridge import (
     open_amqp_bridge,
 )
 from tts_streamer.adapters.amqp.direct import DirectDeliveries
-from tts_streamer.adapters.amqp.outbox import Outbox, _Reply
+from tts_streamer.adapters.amqp.outbox import Outbox, _Reply, reply_properties
 from tts_streamer.adapters.voipbin import envelope
 from tts_streamer.adapters.voipbin.envelope import Response
 from tts_streamer.adapters.voipbin.routes import RouteName
@@ -357,3 +360,43 @@ async def test_a_burst_goes_inline_batched_and_each_reply_is_what_aio_pika_would
 
     assert all(wire(message) == wire(reference) for message in replies)
     assert len({m.message_id for m in replies} | {reference.message_id}) == count + 1
+
+
+# -- reply_frames: pamqp's bytes, written directly ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("body_size", [0, 1, 49, 50, 51, 100, 149])
+@pytest.mark.parametrize("correlation_id", [None, "", "7f3c-12", "é" * 20, "x" * 255])
+def test_reply_frames_are_the_bytes_channel_frame_marshall_writes(
+    body_size: int, correlation_id: str | None
+) -> None:
+    class Split:
+        max_content_size = 50
+
+    body = bytes(range(256))[:body_size] if body_size <= 256 else b""
+    msg_id = reply_frames.message_id()
+    properties = reply_properties(correlation_id)
+    properties.message_id = msg_id
+    frames: list[Any] = [
+        spec.Basic.Publish(exchange="", routing_key="amq.gen-Xy_1", mandatory=True),
+        ContentHeader(properties=properties, body_size=len(body)),
+        *aiormq.Channel._split_body(Split(), body),  # type: ignore[arg-type]
+    ]
+    expected = ChannelFrame.marshall(channel_number=7, frames=frames).payload
+    assert reply_frames.reply_frames(7, "amq.gen-Xy_1", body, correlation_id, msg_id, 50) == expected
+
+
+def test_reply_frames_leave_an_over_long_short_string_to_pamqp_and_acks_are_pamqps_too() -> None:
+    assert reply_frames.reply_frames(1, "q", b"{}", "x" * 256, reply_frames.message_id(), 100) is None
+    assert reply_frames.reply_frames(1, "é" * 128, b"{}", None, reply_frames.message_id(), 100) is None
+    tags = [1, 2, 2**40]
+    expected = ChannelFrame.marshall(channel_number=9, frames=[spec.Basic.Ack(delivery_tag=t) for t in tags])
+    assert reply_frames.ack_frames(9, tags) == expected.payload
+
+
+def test_message_ids_are_aiormqs_uuid4_hex() -> None:
+    for seed in range(200):
+        random.seed(seed)
+        ours = reply_frames.message_id()
+        random.seed(seed)
+        assert ours == uuid.UUID(int=random.getrandbits(128), version=4).hex

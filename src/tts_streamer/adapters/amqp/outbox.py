@@ -30,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +39,8 @@ import attrs
 import trio
 from aiormq.abc import AbstractChannel, ChannelFrame
 from pamqp.header import ContentHeader
+
+from tts_streamer.adapters.amqp.reply_frames import ack_frames, message_id, reply_frames
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +213,8 @@ class Outbox:
             async with asyncio.timeout(self.timeout), channel.lock:
                 first = channel.delivery_tag
                 try:
-                    frames = _frames(channel, replies, acks, watched)
-                    await channel.write_queue.put(
-                        ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-                    )
+                    payload = _frames(channel, replies, acks, watched)
+                    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
                 except BaseException:
                     # The broker has seen none of them: their tags are reused by the next publish.
                     channel.delivery_tag = first
@@ -323,23 +321,32 @@ def batch_callbacks(loop: asyncio.AbstractEventLoop, budget: int = CALLBACK_BATC
 _Watched = tuple[asyncio.Future[Any], _Reply, str, int]  # confirmation, reply, message id, delivery tag
 
 
-def _frames(channel: Any, replies: list[_Reply], acks: list[int], watched: list[_Watched]) -> list[Any]:
+def _frames(channel: Any, replies: list[_Reply], acks: list[int], watched: list[_Watched]) -> bytes:
     """The acks' and the replies' frames, registering each reply's confirmation (under the lock)."""
-    frames: list[Any] = [aiormq.spec.Basic.Ack(delivery_tag=tag) for tag in acks]
+    number = channel.number
+    parts = [ack_frames(number, acks)]
     for reply in replies:
         channel.delivery_tag += 1
         tag = channel.delivery_tag
-        message_id = uuid.UUID(int=random.getrandbits(128), version=4).hex
-        properties = reply_properties(reply.correlation_id)
-        properties.message_id = message_id
+        msg_id = message_id()
         confirmation = channel.create_future()
         channel.confirmations[tag] = confirmation
-        channel.message_id_delivery_tag[message_id] = tag
-        watched.append((confirmation, reply, message_id, tag))
-        frames.append(aiormq.spec.Basic.Publish(exchange="", routing_key=reply.routing_key, mandatory=True))
-        frames.append(ContentHeader(properties=properties, body_size=len(reply.body)))
-        frames.extend(channel._split_body(reply.body))
-    return frames
+        channel.message_id_delivery_tag[msg_id] = tag
+        watched.append((confirmation, reply, msg_id, tag))
+        raw = reply_frames(
+            number, reply.routing_key, reply.body, reply.correlation_id, msg_id, channel.max_content_size
+        )
+        if raw is None:  # a field over a short string's limit: pamqp's marshalling (and its refusal)
+            properties = reply_properties(reply.correlation_id)
+            properties.message_id = msg_id
+            frames: list[Any] = [
+                aiormq.spec.Basic.Publish(exchange="", routing_key=reply.routing_key, mandatory=True),
+                ContentHeader(properties=properties, body_size=len(reply.body)),
+                *channel._split_body(reply.body),
+            ]
+            raw = ChannelFrame.marshall(channel_number=number, frames=frames).payload
+        parts.append(raw)
+    return b"".join(parts)
 
 
 _BATCH_NEEDS = (
@@ -349,6 +356,7 @@ _BATCH_NEEDS = (
     "message_id_delivery_tag",
     "write_queue",
     "_split_body",
+    "max_content_size",
     "create_future",
     "number",
 )
