@@ -25,7 +25,6 @@ daemon stops with the broker's reason instead of retrying.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import logging
 import uuid
@@ -34,14 +33,14 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import aio_pika
-import aiormq
 import attrs
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aiormq.abc import DeliveredMessage
 
-from tts_streamer.adapters.amqp.direct import AckToken, DirectDeliveries
+from tts_streamer.adapters.amqp.consumers import AckToken, aio_pika_consumer, direct_consumer
+from tts_streamer.adapters.amqp.consumers import Delivery as Delivery  # re-exported: the daemon's type
+from tts_streamer.adapters.amqp.direct import DirectDeliveries
 from tts_streamer.adapters.amqp.outbox import Outbox, ReplyDone, batch_callbacks
 from tts_streamer.adapters.amqp.queue_probe import QueueProbe
 from tts_streamer.exceptions import ConfigError
@@ -87,19 +86,6 @@ class Topology:
     exchanges: tuple[ExchangeSpec, ...] = ()
     prefetch: int = 10  # per consumer (basic.qos global=false: global QoS is denied by RabbitMQ 4.3)
     manual_ack: bool = False  # False: acked on receipt; True: the reader of ``deliveries`` calls ack()
-
-
-@attrs.frozen
-class Delivery:
-    queue: str
-    body: bytes
-    reply_to: str | None
-    correlation_id: str | None
-    headers: Mapping[str, Any]
-    received_at: float  # trio clock
-    redelivered: bool = False
-    timestamp: float | None = None  # the AMQP ``timestamp`` property (POSIX seconds), where set
-    token: object = attrs.field(default=None, eq=False, repr=False)  # what ack() needs (manual ack)
 
 
 @attrs.define
@@ -354,11 +340,19 @@ class AmqpBridge:
             )
             for exchange in queue_spec.bind_to:
                 await self._aio(queue.bind, exchange, routing_key=queue_spec.name)
-            consumer = self._consumer(queue_spec.name, deliveries, manual_ack=topology.manual_ack)
+            consumer = aio_pika_consumer(
+                queue_spec.name, deliveries, manual_ack=topology.manual_ack, on_delivery=self._count_delivery
+            )
             tag = await self._aio(queue.consume, consumer)
             if topology.manual_ack and self._outbox is not None:
-                self._direct.add(tag, self._direct_consumer(queue_spec.name, deliveries))
+                handler = direct_consumer(
+                    queue_spec.name, deliveries, on_delivery=self._count_delivery, reject=self._outbox.reject
+                )
+                self._direct.add(tag, handler)
             self._consumer_tags.append((queue, tag))
+
+    def _count_delivery(self) -> None:
+        self.stats.deliveries += 1
 
     async def _hook_direct(self, channel: Any) -> None:
         """Request deliveries on ``channel``'s current underlay dispatched inline (direct.py)."""
@@ -368,105 +362,6 @@ class AmqpBridge:
             log.debug("deliveries not hooked: %s", exc)
             return
         self._direct.hook(underlay)
-
-    def _direct_consumer(
-        self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery]
-    ) -> Callable[[DeliveredMessage], None]:
-        """aio-pika's consumer below without its tasks and IncomingMessage (manual ack only)."""
-
-        def on_message(message: DeliveredMessage) -> None:
-            frame = message.delivery
-            assert isinstance(frame, aiormq.spec.Basic.Deliver)  # direct.py hands over deliveries only
-            channel = message.channel
-            properties = message.header.properties
-            tag = frame.delivery_tag or 0
-            if not self._deliver(
-                queue_name,
-                deliveries,
-                message.body,
-                properties.headers,
-                properties.reply_to,
-                properties.correlation_id,
-                properties.timestamp,
-                bool(frame.redelivered),
-                AckToken(channel, tag),
-            ):
-                assert self._outbox is not None
-                self._outbox.reject(channel, tag)
-
-        return on_message
-
-    def _consumer(
-        self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery], *, manual_ack: bool
-    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            if not manual_ack:
-                # At most once, like the Go service: acked before anything is done with it.
-                await message.ack()
-            token = (
-                AckToken(message.channel, message.delivery_tag)
-                if manual_ack and message.delivery_tag is not None
-                else None
-            )
-            stamp = message.timestamp
-            delivered = self._deliver(
-                queue_name,
-                deliveries,
-                message.body,
-                message.headers,
-                message.reply_to,
-                message.correlation_id,
-                stamp if isinstance(stamp, datetime.datetime) else None,
-                bool(message.redelivered),
-                token,
-            )
-            if not delivered and manual_ack:
-                await message.reject(requeue=False)
-
-        return on_message
-
-    def _deliver(
-        self,
-        queue_name: str,
-        deliveries: trio.MemorySendChannel[Delivery],
-        body: bytes,
-        raw_headers: Mapping[str, Any] | None,
-        reply_to: str | None,
-        correlation_id: str | None,
-        stamp: datetime.datetime | None,
-        redelivered: bool,
-        token: AckToken | None,
-    ) -> bool:
-        """Hand one delivery to the Trio side; False if the buffer was full (the caller rejects it)."""
-        self.stats.deliveries += 1
-        headers = dict(raw_headers or {})
-        # The broker's own arrival stamp (RabbitMQ >= 3.12 message interceptor), in milliseconds.
-        stamp_ms = headers.get("timestamp_in_ms")
-        delivery = Delivery(
-            queue=queue_name,
-            body=body,
-            reply_to=reply_to or None,
-            correlation_id=correlation_id,
-            headers=headers,
-            received_at=trio.current_time(),
-            redelivered=redelivered,
-            timestamp=(
-                stamp_ms / 1000
-                if isinstance(stamp_ms, int) and not isinstance(stamp_ms, bool)
-                else stamp.timestamp()
-                if stamp is not None
-                else None
-            ),
-            token=token,
-        )
-        try:
-            deliveries.send_nowait(delivery)
-        except trio.WouldBlock:
-            # Cannot happen while the prefetch window is smaller than the buffer; never run it
-            # late: reject it (not requeued) and let its caller time out.
-            log.error("request buffer full on %s: request dropped", queue_name)
-            return False
-        return True
 
 
 def _unavailable(exc: BaseException, timeout: float) -> AmqpUnavailable:

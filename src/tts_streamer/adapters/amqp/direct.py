@@ -25,21 +25,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.abc import DeliveredMessage
 
 log = logging.getLogger(__name__)
 
 DirectHandler = Callable[[DeliveredMessage], None]
 
 _MARK = "_tts_direct_deliveries"
-
-
-@attrs.frozen
-class AckToken:
-    """What acknowledging a manual-ack delivery needs: the aiormq channel it came on and its tag."""
-
-    channel: AbstractChannel
-    delivery_tag: int
 
 
 @attrs.define(eq=False)
