@@ -223,6 +223,26 @@ def test_a_reply_batch_is_one_write_with_its_acks_and_each_reply_settles_exactly
     assert not channel.message_id_delivery_tag, "message ids left behind (aiormq forgets them too)"
 
 
+async def test_each_batch_expires_at_its_own_deadline_with_one_timer(autojump_clock: trio.abc.Clock) -> None:
+    """On trio-asyncio's loop (as in the daemon), so the autojump clock drives the timeout."""
+    outcomes: dict[str, list[Exception | None]] = collections.defaultdict(list)
+    aio = trio_asyncio.aio_as_trio
+    async with trio_asyncio.open_loop() as loop:
+        channel = PublishChannel()
+        outbox = outbox_for(loop, timeout=1.0)
+        await aio(outbox._publish_batch)(channel, [_Reply("a", b"{}", None, outcomes["a"].append)], [])
+        await trio.sleep(0.5)
+        await aio(outbox._publish_batch)(channel, [_Reply("b", b"{}", None, outcomes["b"].append)], [])
+        await trio.sleep(0.6)  # a's deadline has passed, b's has not
+        assert len(outcomes["a"]) == 1 and isinstance(outcomes["a"][0], AmqpUnavailable)
+        assert not outcomes["b"] and not outbox.idle
+        channel.confirmations[43].set_result(spec.Basic.Ack(delivery_tag=43))
+        await trio.sleep(0.01)  # the done-callback runs on the asyncio loop's next turn
+        assert outcomes["b"] == [None]
+        await trio.sleep(2)  # b's deadline: nothing more is called, and no timer is left armed
+        assert outcomes == {"a": outcomes["a"], "b": [None]} and outbox.idle and outbox._timer is None
+
+
 def test_a_batch_whose_confirms_do_not_come_fails_after_the_timeout_once_and_ignores_a_late_one() -> None:
     outcomes: list[Exception | None] = []
 

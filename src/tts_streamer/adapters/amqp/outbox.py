@@ -28,6 +28,8 @@ the same task's next round.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -84,6 +86,12 @@ class Outbox:
     _flushing: bool = False
     _tasks: set[asyncio.Task[Any]] = attrs.field(factory=set)
     _unconfirmed: set[asyncio.Future[Any]] = attrs.field(factory=set)
+    # Batches by deadline, oldest first, and the one timer that expires them (armed for the oldest):
+    # a timer per batch was ~1 % of the daemon's time (trio-asyncio's call_at and cancel).
+    _deadlines: collections.deque[tuple[float, list[asyncio.Future[Any]]]] = attrs.field(
+        factory=collections.deque
+    )
+    _timer: asyncio.TimerHandle | None = None
 
     def ack(self, channel: AbstractChannel, delivery_tag: int) -> None:
         self._acks.append((channel, delivery_tag))
@@ -210,7 +218,10 @@ class Outbox:
         """
         watched: list[_Watched] = []
         try:
-            async with asyncio.timeout(self.timeout), channel.lock:
+            # The timeout bounds a wait for the lock (another publish holds it) or for room in the
+            # write queue; with neither, nothing below waits, and its timer is ~1 % of the daemon.
+            bounded = _may_wait(channel)
+            async with asyncio.timeout(self.timeout) if bounded else contextlib.nullcontext(), channel.lock:
                 first = channel.delivery_tag
                 try:
                     payload = _frames(channel, replies, acks, watched)
@@ -235,13 +246,27 @@ class Outbox:
             return
         self.reply_writes += 1
         self.acks_written += len(acks)
-        timer = self.loop.call_later(self.timeout, _expire, [confirmation for confirmation, *_ in watched])
-        remaining = [len(watched)]
+        self._deadlines.append(
+            (self.loop.time() + self.timeout, [confirmation for confirmation, *_ in watched])
+        )
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadlines[0][0], self._expire_due)
         for confirmation, reply, message_id, tag in watched:
             self._unconfirmed.add(confirmation)
             confirmation.add_done_callback(
-                functools.partial(self._confirmed, channel, reply, message_id, tag, timer, remaining)
+                functools.partial(self._confirmed, channel, reply, message_id, tag)
             )
+
+    def _expire_due(self) -> None:
+        """Give up the confirms of the batches past their deadline; re-arm for the next one."""
+        self._timer = None
+        now = self.loop.time() + 0.001  # asyncio may run a timer up to its clock resolution early
+        while self._deadlines and self._deadlines[0][0] <= now:
+            for confirmation in self._deadlines.popleft()[1]:
+                if not confirmation.done():
+                    confirmation.cancel()
+        if self._deadlines:
+            self._timer = self.loop.call_at(self._deadlines[0][0], self._expire_due)
 
     def _confirmed(
         self,
@@ -249,17 +274,12 @@ class Outbox:
         reply: _Reply,
         message_id: str,
         tag: int,
-        timer: asyncio.TimerHandle,
-        remaining: list[int],
         confirmation: asyncio.Future[Any],
     ) -> None:
         self._unconfirmed.discard(confirmation)
-        remaining[0] -= 1
-        if not remaining[0]:
-            timer.cancel()
         if channel.message_id_delivery_tag.get(message_id) == tag:  # what aiormq's forget_message_id does
             channel.message_id_delivery_tag.pop(message_id)
-        if confirmation.cancelled():  # _expire, or cancel() at close
+        if confirmation.cancelled():  # _expire_due, or cancel() at close
             error: Exception | None = self.map_error(TimeoutError())
         else:
             exc = confirmation.exception()
@@ -272,6 +292,10 @@ class Outbox:
             task.cancel()
         for confirmation in list(self._unconfirmed):
             confirmation.cancel()
+        self._deadlines.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 CALLBACK_BATCH = 100  # asyncio callbacks run per Trio scheduling turn of the loop, at most
@@ -369,10 +393,10 @@ def _can_batch(channel: Any) -> bool:
     )
 
 
-def _expire(confirmations: list[asyncio.Future[Any]]) -> None:
-    for confirmation in confirmations:
-        if not confirmation.done():
-            confirmation.cancel()
+def _may_wait(channel: Any) -> bool:
+    """Could taking aiormq's channel lock or putting on its write queue wait now? (True if unknown.)"""
+    lock = getattr(channel, "_Channel__lock", None)
+    return not isinstance(lock, asyncio.Lock) or lock.locked() or channel.write_queue.full()
 
 
 def _call(done: ReplyDone, error: Exception | None) -> None:
