@@ -29,7 +29,8 @@ itself offer 1,000/s on a loaded 2-core machine (``--publishers 0`` keeps it in 
 Each run reports the achieved rate, how many requests were answered, failed (non-200) or left
 unanswered, and p50/p90/p99/max of the latency, then the daemon's CPU time per request (user +
 system from ``/proc``, over the run: a figure that depends far less on the machine's load than the
-latencies do) and the generators'. The load average is printed too: on a shared
+latencies do) and the generators', and the daemon's CPU net of what it burns idle (measured for
+``--idle-seconds`` before each run) per request sent. The load average is printed too: on a shared
 machine the figures are only comparable at a similar load.
 
 By default it runs in a temporary vhost (made with ``rabbitmqctl`` when that works), so tests or
@@ -320,7 +321,12 @@ async def measure(
     label = "pipelined" if options.kind == "say_add" else f"pipelined {options.kind}"
     for rate in options.rates:
         await trio.sleep(1.0)  # let the previous run's backlog and audio settle
-        cpu_before = process_cpu_seconds(pid)
+        # What the daemon burns with no request (its streamings' media tasks, timers): subtracted below
+        # so the per-request figure is the requests' own, whatever the run's length.
+        idle_before, idle_started = process_cpu_seconds(pid), trio.current_time()
+        await trio.sleep(options.idle_seconds)
+        idle_rate = (process_cpu_seconds(pid) - idle_before) / (trio.current_time() - idle_started)
+        cpu_before, run_started = process_cpu_seconds(pid), trio.current_time()
         generators_cpu = math.nan
         pipelined: tuple[list[float], int, float]
         if options.publishers > 0:
@@ -331,6 +337,7 @@ async def measure(
         else:
             pipelined = await pipelined_load(caller, pod_queue, targets, options.requests, rate)
         daemon_cpu = process_cpu_seconds(pid) - cpu_before
+        net_cpu = daemon_cpu - idle_rate * (trio.current_time() - run_started)
         latencies, failures, seconds = pipelined
         report(f"{label} at {rate:.0f}/s", latencies, failures, seconds, options.requests, options.kind)
         answered = max(1, len(latencies))
@@ -343,6 +350,10 @@ async def measure(
                 else ", generator in this process"
             )
             + f"; load average {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            f"  daemon CPU net of idle ({idle_rate * 1000:.0f} ms/s): {net_cpu * 1e6 / options.requests:.0f} "
+            f"us per request sent, {net_cpu * 1e6 / answered:.0f} us per answered"
         )
     for sid, _ in targets:
         await call(caller, SHARED_QUEUE, f"/v1/streamings/{sid}", "DELETE")
@@ -390,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the daemon's voice: synthetic (20 ms per say_add, measures the command plane) or espeak",
     )
     parser.add_argument("--concurrency", type=int, default=200, help="go-style calls in flight at most")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=2.0, help="daemon CPU measured idle before each run"
+    )
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--warmup-rate", type=float, default=300.0)
     parser.add_argument(

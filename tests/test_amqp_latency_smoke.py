@@ -58,3 +58,31 @@ def test_the_latency_bench_runs_with_generator_processes() -> None:
     assert run is not None, done.stdout
     assert int(run.group(1)) > 0
     assert re.search(r"daemon CPU \d+ us/request .* generators \d+ us/request \(2 processes\)", done.stdout)
+
+
+@pytest.mark.realtime
+def test_the_cost_bench_runs_and_counts_every_request() -> None:
+    """``python -m bench.amqp_cost`` without callgrind (valgrind is not a test dependency)."""
+    require_rabbitmq()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.amqp_cost",
+            "--no-callgrind",
+            "--requests=40",
+            "--burst=10",
+            "--gap=0.05",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(
+        r"^40 say_add in bursts of 10 .* 40 replies, not started \{\}", done.stdout, re.MULTILINE
+    )
+    inline = re.search(r"(\d+) deliveries handed over inline", done.stdout)
+    assert inline is not None and int(inline.group(1)) == 40, done.stdout

@@ -284,10 +284,13 @@ async def test_broker_connection_closed_mid_call_audio_flows_and_everything_resu
             assert held.data["total_count"] == 1
 
             # Consumers, the per-pod queue and the call-manager RPC are restored: commands work.
+            inline_before = daemon.bridge._direct.direct
             fresh = await rig.caller.call(
                 rig.pod_queue(), f"/v1/streamings/{a}/say_finish", "POST", {"message_id": long_id}, wait=3.0
             )
             assert fresh is not None and fresh.status_code == 200, fresh
+            # ... and still handed over inline on the new channel (adapters/amqp/direct.py).
+            assert daemon.bridge._direct.direct > inline_before, "deliveries fell back to aio-pika's path"
             done = await rig.caller.wait_event(EventType.MESSAGE_PLAY_FINISHED, by_streaming(a))
             assert done.data["id"] == long_id and done.data["message_finish"] is True
             # The shared queue's consumer is back too, and a create needs the call-manager RPC path.

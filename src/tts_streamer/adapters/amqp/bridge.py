@@ -4,7 +4,8 @@
 configured queues into a Trio channel of ``Delivery`` objects, publishes with publisher confirms under a
 timeout, and runs request/reply calls over one exclusive reply queue with correlation ids. Acks and
 replies to requests, the per-request traffic, go through ``Outbox`` (adapters/amqp/outbox.py) in
-batches instead of one Trio->asyncio crossing each. Every
+batches instead of one Trio->asyncio crossing each, and request deliveries are handed over inline in
+aiormq's reader (adapters/amqp/direct.py) instead of through aio-pika's two tasks each. Every
 aio-pika failure surfaces as ``AmqpUnavailable`` (``AmqpRefused`` when the broker took the publish but
 refused that message); nothing else in the daemon imports aio_pika.
 
@@ -24,7 +25,6 @@ daemon stops with the broker's reason instead of retrying.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import logging
 import uuid
@@ -38,6 +38,9 @@ import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from tts_streamer.adapters.amqp.consumers import AckToken, aio_pika_consumer, direct_consumer
+from tts_streamer.adapters.amqp.consumers import Delivery as Delivery  # re-exported: the daemon's type
+from tts_streamer.adapters.amqp.direct import DirectDeliveries
 from tts_streamer.adapters.amqp.outbox import Outbox, ReplyDone, batch_callbacks
 from tts_streamer.adapters.amqp.queue_probe import QueueProbe
 from tts_streamer.exceptions import ConfigError
@@ -85,19 +88,6 @@ class Topology:
     manual_ack: bool = False  # False: acked on receipt; True: the reader of ``deliveries`` calls ack()
 
 
-@attrs.frozen
-class Delivery:
-    queue: str
-    body: bytes
-    reply_to: str | None
-    correlation_id: str | None
-    headers: Mapping[str, Any]
-    received_at: float  # trio clock
-    redelivered: bool = False
-    timestamp: float | None = None  # the AMQP ``timestamp`` property (POSIX seconds), where set
-    token: object = attrs.field(default=None, eq=False, repr=False)  # what ack() needs (manual ack)
-
-
 @attrs.define
 class BridgeStats:
     connects: int = 0
@@ -124,6 +114,7 @@ class AmqpBridge:
             else Outbox(loop, lambda: self._channel, timeout, lambda exc: _unavailable(exc, timeout))
         )
         self._probe = probe
+        self._direct = DirectDeliveries()
         self.deliveries: trio.MemoryReceiveChannel[Delivery]
         self._connection = connection
         self._timeout = timeout
@@ -160,21 +151,21 @@ class AmqpBridge:
         gone, so the broker has requeued it and will redeliver it marked ``redelivered``).
 
         Returns without waiting: the frame is written with the next batch (``Outbox``)."""
-        message = delivery.token
-        if not isinstance(message, AbstractIncomingMessage):
+        token = delivery.token
+        if not isinstance(token, AckToken):
             return True  # acked on receipt
-        channel = message.channel
-        if channel.is_closed or message.delivery_tag is None:
+        channel = token.channel
+        if channel.is_closed:
             log.debug("ack on %s failed: its channel is closed", delivery.queue)
             return False
         if self._outbox is None:
             try:
-                await self._aio(message.ack)
+                await self._aio(channel.basic_ack, token.delivery_tag)
             except AmqpUnavailable as exc:
                 log.debug("ack on %s failed: %s", delivery.queue, exc)
                 return False
             return True
-        self._outbox.ack(channel, message.delivery_tag)
+        self._outbox.ack(channel, token.delivery_tag)
         return True
 
     def reply(self, routing_key: str, body: bytes, *, correlation_id: str | None, done: ReplyDone) -> None:
@@ -280,6 +271,7 @@ class AmqpBridge:
     async def stop_consuming(self) -> None:
         """Cancel the request consumers (drain: callers fail fast instead of timing out here)."""
         for queue, tag in self._consumer_tags:
+            self._direct.remove(tag)
             try:
                 await self._aio(queue.cancel, tag)
             except AmqpUnavailable as exc:
@@ -309,6 +301,11 @@ class AmqpBridge:
     async def _setup(self, topology: Topology, deliveries: trio.MemorySendChannel[Delivery]) -> None:
         channel = await self._aio(self._connection.channel)
         self._channel = channel
+        if topology.manual_ack and self._outbox is not None:
+            await self._hook_direct(channel)
+            reopened = getattr(channel, "reopen_callbacks", None)
+            if reopened is not None:  # a robust channel: its new underlay channel after a reconnect
+                reopened.add(self._hook_direct)
         # Per consumer (global_=False): global QoS is denied by default from RabbitMQ 4.3.
         await self._aio(channel.set_qos, prefetch_count=topology.prefetch, global_=False)
         for spec in topology.exchanges:
@@ -343,49 +340,28 @@ class AmqpBridge:
             )
             for exchange in queue_spec.bind_to:
                 await self._aio(queue.bind, exchange, routing_key=queue_spec.name)
-            consumer = self._consumer(queue_spec.name, deliveries, manual_ack=topology.manual_ack)
+            consumer = aio_pika_consumer(
+                queue_spec.name, deliveries, manual_ack=topology.manual_ack, on_delivery=self._count_delivery
+            )
             tag = await self._aio(queue.consume, consumer)
+            if topology.manual_ack and self._outbox is not None:
+                handler = direct_consumer(
+                    queue_spec.name, deliveries, on_delivery=self._count_delivery, reject=self._outbox.reject
+                )
+                self._direct.add(tag, handler)
             self._consumer_tags.append((queue, tag))
 
-    def _consumer(
-        self, queue_name: str, deliveries: trio.MemorySendChannel[Delivery], *, manual_ack: bool
-    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            if not manual_ack:
-                # At most once, like the Go service: acked before anything is done with it.
-                await message.ack()
-            self.stats.deliveries += 1
-            stamp = message.timestamp
-            headers = dict(message.headers or {})
-            # The broker's own arrival stamp (RabbitMQ >= 3.12 message interceptor), in milliseconds.
-            stamp_ms = headers.get("timestamp_in_ms")
-            delivery = Delivery(
-                queue=queue_name,
-                body=message.body,
-                reply_to=message.reply_to or None,
-                correlation_id=message.correlation_id,
-                headers=headers,
-                received_at=trio.current_time(),
-                redelivered=bool(message.redelivered),
-                timestamp=(
-                    stamp_ms / 1000
-                    if isinstance(stamp_ms, int) and not isinstance(stamp_ms, bool)
-                    else stamp.timestamp()
-                    if isinstance(stamp, datetime.datetime)
-                    else None
-                ),
-                token=message if manual_ack else None,
-            )
-            try:
-                deliveries.send_nowait(delivery)
-            except trio.WouldBlock:
-                # Cannot happen while the prefetch window is smaller than the buffer; never run it
-                # late: reject it (not requeued) and let its caller time out.
-                log.error("request buffer full on %s: request dropped", queue_name)
-                if manual_ack:
-                    await message.reject(requeue=False)
+    def _count_delivery(self) -> None:
+        self.stats.deliveries += 1
 
-        return on_message
+    async def _hook_direct(self, channel: Any) -> None:
+        """Request deliveries on ``channel``'s current underlay dispatched inline (direct.py)."""
+        try:
+            underlay = await channel.get_underlay_channel()
+        except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+            log.debug("deliveries not hooked: %s", exc)
+            return
+        self._direct.hook(underlay)
 
 
 def _unavailable(exc: BaseException, timeout: float) -> AmqpUnavailable:

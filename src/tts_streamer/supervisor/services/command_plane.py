@@ -110,7 +110,7 @@ class CommandPlane:
         self._routes = dict(routes)
         self._pod_id = pod_id
         self._forward_timeout = forward_timeout
-        self._lanes: dict[uuid.UUID, trio.MemorySendChannel[_Work]] = {}
+        self._lanes: dict[uuid.UUID, collections.deque[_Work]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -157,22 +157,20 @@ class CommandPlane:
         lane = self._lanes.get(match.id)
         if lane is None:
             # Unbounded here because bounded upstream: what waits in lanes is not yet acknowledged,
-            # so the prefetch window caps it (Go has no limit either, so no 429 of our own).
-            lane, lane_recv = trio.open_memory_channel[_Work](math.inf)
+            # so the prefetch window caps it (Go has no limit either, so no 429 of our own). A deque,
+            # not a memory channel: a lane is opened for most requests (it closes once empty), and
+            # only its own task reads it.
+            lane = collections.deque()
             self._lanes[match.id] = lane
-            self._nursery.start_soon(self._serve_lane, match.id, lane_recv, name=f"lane[{match.id}]")
-        lane.send_nowait((delivery, request, match))
+            self._nursery.start_soon(self._serve_lane, match.id, lane, name=f"lane[{match.id}]")
+        lane.append((delivery, request, match))
 
-    async def _serve_lane(self, streaming_id: uuid.UUID, lane: trio.MemoryReceiveChannel[_Work]) -> None:
-        while True:
-            try:
-                work = lane.receive_nowait()
-            except trio.WouldBlock:
-                # No checkpoint between the empty check and the removal: the dispatcher either saw
-                # this lane (and its item is already queued) or will open a new one.
-                del self._lanes[streaming_id]
-                return
-            await self._take_up_and_handle(*work)
+    async def _serve_lane(self, streaming_id: uuid.UUID, lane: collections.deque[_Work]) -> None:
+        while lane:
+            await self._take_up_and_handle(*lane.popleft())
+        # No checkpoint between the empty check and the removal: the dispatcher either saw this lane
+        # (and its item is already queued) or will open a new one.
+        del self._lanes[streaming_id]
 
     async def _answer(self, delivery: Delivery, match: RouteMatch | None, response: Response) -> None:
         """A reply known without running anything (bad envelope, no route)."""
