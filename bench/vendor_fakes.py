@@ -19,7 +19,7 @@ import trio
 from tests.fakes.elevenlabs import ElevenLabsFake
 from tests.fakes.google_tts import GoogleTTSFake
 from tests.fakes.polly import PollyFake
-from tests.fakes.vendor_faults import Fault
+from tests.fakes.vendor_faults import Fault, percentiles
 
 from bench.netem import Certificates, DelayProxy
 
@@ -50,7 +50,8 @@ async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32
             await nursery.start(eleven.serve)
             proxies = {
                 "gcp": DelayProxy(("127.0.0.1", google.port), delay, tls),
-                "elevenlabs": DelayProxy(("127.0.0.1", eleven.port), delay, tls),
+                # In this process already: served on the proxy's stream, no second loopback hop.
+                "elevenlabs": DelayProxy(None, delay, tls, local=eleven.serve_stream),
                 "aws": DelayProxy(("127.0.0.1", polly_port), delay, tls),
             }
             ports = {name: await nursery.start(proxy.serve) for name, proxy in proxies.items()}
@@ -61,6 +62,7 @@ async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32
             async def reply(value: dict[str, Any]) -> None:
                 await stdout.send_all(json.dumps(value).encode() + b"\n")
 
+            nursery.start_soon(_write_pace, folder / "pace.json", google, eleven, proxies)
             await reply({"ports": ports})
             buffer = b""
             while True:
@@ -92,6 +94,23 @@ async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32
                     else:
                         await reply({"error": f"unknown command {words!r}"})
             nursery.cancel_scope.cancel()
+
+
+async def _write_pace(
+    path: Path, google: GoogleTTSFake, eleven: ElevenLabsFake, proxies: dict[str, DelayProxy]
+) -> None:
+    """Every 5 s, into ``path``: how late the fakes sent their chunks (against their own schedule and
+    against real time) and how late the proxies forwarded them (send begun / done), so a slow row can
+    tell the far side's lag from the client's."""
+    while True:
+        await trio.sleep(5.0)
+        out: dict[str, Any] = {"gcp": google.pace.summary(), "elevenlabs": eleven.pace.summary()}
+        for name, proxy in proxies.items():
+            out[f"{name}_proxy"] = {
+                "begin": percentiles([a for a, _ in proxy.out_lags]),
+                "end": percentiles([b for _, b in proxy.out_lags]),
+            }
+        await trio.Path(path).write_text(json.dumps(out))
 
 
 def main() -> int:
