@@ -6,7 +6,10 @@ its GIL and its Trio loop, as a real vendor is.
 Google fake's concurrent RPCs, one worker thread each (bench.run's voice rows hold one per call). Prints
 one JSON line with the proxies' ports, then answers one JSON line per line read on stdin: ``state`` (open
 vendor resources and proxy connection counts), ``fault <vendor> <kind> <after_bytes>``, ``clear``. EOF on
-stdin ends it."""
+stdin ends it. Every 5 s it writes ``pace.json`` into CERT_FOLDER: how late the Google and ElevenLabs
+fakes sent their chunks (against their own schedule, and ``behind`` real time from each text's start)
+and how late each proxy forwarded toward the client, so a slow voice row shows which side fell behind.
+The ElevenLabs fake is served on its proxy's stream in this process (``DelayProxy(local=...)``)."""
 
 from __future__ import annotations
 
