@@ -18,7 +18,7 @@ import ipaddress
 import math
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -118,9 +118,16 @@ class DelayedStream(trio.abc.Stream):
     Background tasks run in ``nursery``; ``aclose`` flushes what is in flight first (bounded)."""
 
     def __init__(
-        self, inner: trio.abc.Stream, delay: float, nursery: trio.Nursery, *, hold_first: float = 0.0
+        self,
+        inner: trio.abc.Stream,
+        delay: float,
+        nursery: trio.Nursery,
+        *,
+        hold_first: float = 0.0,
+        lags: list[tuple[float, float]] | None = None,
     ) -> None:
         self._inner = inner
+        self._lags = lags
         self._delay = delay
         self._in_send, self._in = trio.open_memory_channel[tuple[float, bytes]](math.inf)
         self._out_send, self._out = trio.open_memory_channel[tuple[float, bytes]](math.inf)
@@ -145,10 +152,39 @@ class DelayedStream(trio.abc.Stream):
                     return
 
     async def _pump_out(self) -> None:
+        held: tuple[float, bytes] | None = None
+        ended = False
         try:
-            async for sent_at, data in self._out:
-                await trio.sleep_until(sent_at + self._delay)
-                await self._inner.send_all(data)
+            while not ended:
+                if held is None:
+                    try:
+                        held = await self._out.receive()
+                    except trio.EndOfChannel:
+                        return
+                sent_at, data = held
+                held = None
+                due = sent_at + self._delay
+                if due > trio.current_time():
+                    await trio.sleep_until(due)
+                # Whatever else is due by now goes out in the same write (fewer wake-ups when busy).
+                now = trio.current_time()
+                parts = [data]
+                while True:
+                    try:
+                        item = self._out.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    except trio.EndOfChannel:
+                        ended = True
+                        break
+                    if item[0] + self._delay > now:
+                        held = item
+                        break
+                    parts.append(item[1])
+                start = trio.current_time()
+                await self._inner.send_all(b"".join(parts) if len(parts) > 1 else data)
+                if self._lags is not None:
+                    self._lags.append((start - due, trio.current_time() - due))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -160,7 +196,8 @@ class DelayedStream(trio.abc.Stream):
                 sent_at, data = await self._in.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return b""
-            await trio.sleep_until(sent_at + self._delay)
+            if sent_at + self._delay > trio.current_time():
+                await trio.sleep_until(sent_at + self._delay)
             self._pending = data
             if not data:
                 return b""
@@ -192,10 +229,15 @@ class DelayProxy:
     """``await nursery.start(proxy.serve)`` -> port. ``upstream``: the fake's ``(host, port)``, or a
     callable returning it (fakes that bind after the proxy starts)."""
 
-    upstream: tuple[str, int] | Callable[[], tuple[str, int]]
+    upstream: tuple[str, int] | Callable[[], tuple[str, int]] | None
     delay: float = 0.04
     tls: ssl.SSLContext | None = None
+    # Instead of ``upstream``: a fake in this process served on the (decrypted, delayed) stream itself,
+    # which saves a loopback socket and a relay per direction, per message.
+    local: Callable[[trio.abc.Stream], Awaitable[None]] | None = None
     connections: int = 0  # accepted (each a TCP and, with tls, a TLS handshake)
+    # Toward the client: (late when the send began, late when it ended) per write, seconds.
+    out_lags: list[tuple[float, float]] = attrs.field(factory=list)
     open: int = 0
     port: int = 0
 
@@ -218,10 +260,23 @@ class DelayProxy:
 
     async def _relay_connection(self, client: trio.SocketStream) -> None:
         async with trio.open_nursery() as nursery:
-            linked = DelayedStream(client, self.delay, nursery, hold_first=2 * self.delay)
+            linked = DelayedStream(client, self.delay, nursery, hold_first=2 * self.delay, lags=self.out_lags)
             stream: trio.abc.Stream = linked
             if self.tls is not None:
                 stream = trio.SSLStream(linked, self.tls, server_side=True)
+            if self.local is not None:
+                try:
+                    await self.local(stream)
+                finally:
+                    with trio.move_on_after(2) as cleanup:
+                        cleanup.shield = True
+                        try:
+                            await stream.aclose()
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                            pass
+                    nursery.cancel_scope.cancel()
+                return
+            assert self.upstream is not None
             target = self.upstream() if callable(self.upstream) else self.upstream
             try:
                 with trio.fail_after(5):

@@ -6,7 +6,10 @@ its GIL and its Trio loop, as a real vendor is.
 Google fake's concurrent RPCs, one worker thread each (bench.run's voice rows hold one per call). Prints
 one JSON line with the proxies' ports, then answers one JSON line per line read on stdin: ``state`` (open
 vendor resources and proxy connection counts), ``fault <vendor> <kind> <after_bytes>``, ``clear``. EOF on
-stdin ends it."""
+stdin ends it. Every 5 s it writes ``pace.json`` into CERT_FOLDER: how late the Google and ElevenLabs
+fakes sent their chunks (against their own schedule, and ``behind`` real time from each text's start)
+and how late each proxy forwarded toward the client, so a slow voice row shows which side fell behind.
+The ElevenLabs fake is served on its proxy's stream in this process (``DelayProxy(local=...)``)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import trio
 from tests.fakes.elevenlabs import ElevenLabsFake
 from tests.fakes.google_tts import GoogleTTSFake
 from tests.fakes.polly import PollyFake
-from tests.fakes.vendor_faults import Fault
+from tests.fakes.vendor_faults import Fault, percentiles
 
 from bench.netem import Certificates, DelayProxy
 
@@ -50,7 +53,8 @@ async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32
             await nursery.start(eleven.serve)
             proxies = {
                 "gcp": DelayProxy(("127.0.0.1", google.port), delay, tls),
-                "elevenlabs": DelayProxy(("127.0.0.1", eleven.port), delay, tls),
+                # In this process already: served on the proxy's stream, no second loopback hop.
+                "elevenlabs": DelayProxy(None, delay, tls, local=eleven.serve_stream),
                 "aws": DelayProxy(("127.0.0.1", polly_port), delay, tls),
             }
             ports = {name: await nursery.start(proxy.serve) for name, proxy in proxies.items()}
@@ -61,6 +65,7 @@ async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32
             async def reply(value: dict[str, Any]) -> None:
                 await stdout.send_all(json.dumps(value).encode() + b"\n")
 
+            nursery.start_soon(_write_pace, folder / "pace.json", google, eleven, proxies)
             await reply({"ports": ports})
             buffer = b""
             while True:
@@ -92,6 +97,23 @@ async def serve(folder: Path, delay: float, fake_delay: float, streams: int = 32
                     else:
                         await reply({"error": f"unknown command {words!r}"})
             nursery.cancel_scope.cancel()
+
+
+async def _write_pace(
+    path: Path, google: GoogleTTSFake, eleven: ElevenLabsFake, proxies: dict[str, DelayProxy]
+) -> None:
+    """Every 5 s, into ``path``: how late the fakes sent their chunks (against their own schedule and
+    against real time) and how late the proxies forwarded them (send begun / done), so a slow row can
+    tell the far side's lag from the client's."""
+    while True:
+        await trio.sleep(5.0)
+        out: dict[str, Any] = {"gcp": google.pace.summary(), "elevenlabs": eleven.pace.summary()}
+        for name, proxy in proxies.items():
+            out[f"{name}_proxy"] = {
+                "begin": percentiles([a for a, _ in proxy.out_lags]),
+                "end": percentiles([b for _, b in proxy.out_lags]),
+            }
+        await trio.Path(path).write_text(json.dumps(out))
 
 
 def main() -> int:

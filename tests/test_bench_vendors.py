@@ -62,6 +62,40 @@ async def test_proxy_adds_the_delay_and_verifies_against_the_generated_ca(tmp_pa
 
 
 @pytest.mark.realtime
+async def test_proxy_serves_an_in_process_fake_on_its_stream_delayed_and_in_order(tmp_path: Path) -> None:
+    """``local``: the fake is handed the decrypted, delayed stream (no second loopback socket); a burst of
+    writes, forwarded in fewer sends once due, arrives whole and in order, the delay still paid."""
+    certs = make_certificates(tmp_path)
+
+    async def burst(stream: trio.abc.Stream) -> None:
+        request = await stream.receive_some(10)
+        for i in range(200):
+            await stream.send_all(b"%s-%03d;" % (request, i))
+
+    async with trio.open_nursery() as nursery:
+        proxy = DelayProxy(None, 0.05, certs.server_context(), local=burst)
+        port = await nursery.start(proxy.serve)
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, certs.client_context(), server_hostname="localhost")
+        expected = b"".join(b"go-%03d;" % i for i in range(200))
+        with trio.fail_after(5):
+            await stream.do_handshake()
+            before = time.monotonic()
+            await stream.send_all(b"go")
+            received = b""
+            while len(received) < len(expected):
+                data = await stream.receive_some(65536)
+                assert data, "closed early"
+                received += data
+            round_trip = time.monotonic() - before
+        assert received == expected
+        assert round_trip >= 0.1 - 0.01
+        assert proxy.connections == 1
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.realtime
 def test_quick_vendor_bench_measures_every_vendor(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), GRPC_VERBOSITY="ERROR")
     proc = subprocess.run(

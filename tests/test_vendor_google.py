@@ -5,11 +5,13 @@ Real clock: gRPC and the reader threads run in real time, so the autojump clock 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 import trio
+import trio.testing
 
 from tests.fakes.google_tts import GoogleTTSFake
 from tests.fakes.vendor_faults import Fault, fake_fill_byte
@@ -175,3 +177,32 @@ async def test_connection_drop_is_a_clean_error(fake, engine):
                 pass
     assert info.value.kind in {"unavailable", "cancelled", "vendor_error"}
     assert engine.open_streams == 0
+
+
+async def test_responses_reach_trio_while_its_thread_is_busy(fake, engine):
+    """The reader thread keeps taking responses and handing them over while Trio's thread is busy: one
+    hand-over per response, no Trio round trip before the next (which at 200 streams read slower than
+    the vendor sent). Before, it took one response and waited for Trio to ask for the next."""
+    fake.chunk_interval, fake.first_audio_delay = 0.0, 0.0
+    text = "Every chunk of this sentence is sent at once."
+    expected = len(fake.audio_for(text))
+    with trio.fail_after(5):
+        async with engine.open_stream(VoiceSpec()) as stream:
+            await stream.send_text(text)
+            await stream.end_input()
+            audio = stream.audio()
+            assert await audio.__anext__()
+            _hold_trios_thread(fake, expected)
+            await trio.testing.wait_all_tasks_blocked()
+            assert fake.rpcs[0].bytes_sent == expected
+            assert stream.pipe.bytes_in == expected
+            await audio.aclose()
+
+
+def _hold_trios_thread(fake: GoogleTTSFake, expected: int) -> None:
+    """Block the calling (Trio's) thread, so nothing in Trio runs, until the fake has sent ``expected``
+    bytes, and a little longer for the reader thread to take them."""
+    held_until = time.monotonic() + 5
+    while fake.rpcs[0].bytes_sent < expected and time.monotonic() < held_until:
+        time.sleep(0.01)
+    time.sleep(0.3)

@@ -22,9 +22,15 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+    wrap_server_stream,
+)
 
-from tests.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
+from tests.fakes.vendor_faults import Fault, FaultQueue, PaceLog, fake_fill_byte
 from tts_streamer.exceptions import first_of
 
 PATH_PREFIX, PATH_SUFFIX = "/v1/text-to-speech/", "/multi-stream-input"
@@ -91,6 +97,7 @@ class ElevenLabsFake:
         self.late_chunks = late_chunks
         self.schedule = schedule
         self.faults = FaultQueue()
+        self.pace = PaceLog()
         self.connections: list[ConnectionRecord] = []
         self.rejected: list[tuple[str, int]] = []
         self.port = 0
@@ -125,6 +132,25 @@ class ElevenLabsFake:
             disconnect_timeout=2,
             task_status=task_status,
         )
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """One connection on a stream already open in this process (``DelayProxy(local=...)``): the
+        proxy hands its decrypted stream over instead of relaying it through a second loopback socket."""
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(5) as handshake:
+                request = await wrap_server_stream(
+                    nursery, stream, message_queue_size=64, max_message_size=16 * 2**20
+                )
+            if handshake.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                return
+            try:
+                await self._handle(request)
+            finally:
+                with trio.move_on_after(2) as cleanup:
+                    cleanup.shield = True
+                    await request._connection.aclose()  # as serve_websocket does after its handler
+                nursery.cancel_scope.cancel()
 
     async def _handle(self, request: WebSocketRequest) -> None:
         path, _, raw_query = request.path.partition("?")
@@ -220,9 +246,15 @@ class ElevenLabsFake:
                 ctx.generated.append(text)
                 ctx.busy = True
                 late = 0
+                # Paced by deadline: a chunk the loop could not send on time goes out at once, as a
+                # vendor's own generation does not slow down with this machine's load.
+                due = plays_at = trio.current_time()
                 for chunk, alignment in self._chunks(text):
-                    await trio.sleep(delay)
+                    due += delay
+                    plays_at = max(plays_at, due)
                     delay = self.chunk_interval
+                    if due > trio.current_time():
+                        await trio.sleep_until(due)
                     if ctx.closed_at is not None:
                         if late >= self.late_chunks:
                             break
@@ -239,6 +271,8 @@ class ElevenLabsFake:
                         "normalizedAlignment": alignment,
                     }
                     await ws.send_message(json.dumps(message))
+                    self.pace.sent(due, plays_at, trio.current_time())
+                    plays_at += len(chunk) / BYTES_PER_SECOND
                 ctx.busy = False
                 conn.changed.set()
                 if ctx.closed_at is not None:

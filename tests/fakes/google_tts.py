@@ -25,7 +25,7 @@ from google.cloud.texttospeech import (
     StreamingSynthesizeResponse,
 )
 
-from tests.fakes.vendor_faults import Fault, FaultQueue, fake_fill_byte
+from tests.fakes.vendor_faults import Fault, FaultQueue, PaceLog, fake_fill_byte
 
 SERVICE = "google.cloud.texttospeech.v1.TextToSpeech"
 STREAMING_ENCODINGS = {AudioEncoding.PCM, AudioEncoding.ALAW, AudioEncoding.MULAW, AudioEncoding.OGG_OPUS}
@@ -81,6 +81,7 @@ class GoogleTTSFake:
         self.first_audio_delay = first_audio_delay
         self.idle_abort = idle_abort
         self.faults = FaultQueue()
+        self.pace = PaceLog()
         self.rpcs: list[RpcRecord] = []
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix=THREAD_PREFIX)
@@ -191,7 +192,10 @@ class GoogleTTSFake:
             text = item.input.text
             record.texts.append(text)
             audio = self.audio_for(text)
+            due = plays_at = time.monotonic()
             for start in range(0, len(audio), self.chunk_bytes):
+                due += delay
+                plays_at = max(plays_at, due)
                 time.sleep(delay)
                 delay = self.chunk_interval
                 if not context.is_active():
@@ -204,6 +208,8 @@ class GoogleTTSFake:
                 record.bytes_sent += len(chunk)
                 record.first_audio_at = record.first_audio_at or time.monotonic()
                 yield StreamingSynthesizeResponse(audio_content=chunk)
+                self.pace.sent(due, plays_at)
+                plays_at += len(chunk) / 8000
 
     def _fault(self, record: RpcRecord, fault: Fault, context: Any) -> Iterator[Any]:
         if fault.kind == "stall":

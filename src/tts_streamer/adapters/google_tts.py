@@ -2,9 +2,12 @@
 
 The RPC is started with ``client.transport.streaming_synthesize(requests)``, which returns a call object at
 once (the gapic method blocks until the first audio, before which nothing can be cancelled). Requests go
-through a ``queue.Queue`` that gRPC's consumer thread drains; responses are read with ``next(call)`` in a
-worker thread under the engine's own CapacityLimiter (a reader holds a token all stream long, so Trio's
-default 40-token limiter would starve the 41st call), abandoned on cancellation. On every exit path the
+through a ``queue.Queue`` that gRPC's consumer thread drains; responses are iterated by one worker thread
+per RPC under the engine's own CapacityLimiter (a reader holds a token all stream long, so Trio's default
+40-token limiter would starve the 41st call), abandoned on cancellation, which hands each response to
+Trio with ``TrioToken.run_sync_soon`` and never waits for Trio: a ``to_thread`` round trip per response
+(two thread wake-ups and a Trio task switch each, under one GIL) made 200 streams read slower than the
+vendor sent (bench/results/2026-12-03-vendors.md). On every exit path the
 call is cancelled **and** a STOP sentinel goes into the request queue: without the sentinel gRPC's request
 consumer thread leaks, one per stream.
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -254,36 +257,52 @@ class GoogleStream:
             self._carry[:0] = unseen
 
     async def _read(self, call: Any, scope: trio.CancelScope, ended: trio.Event) -> None:
+        """Audio from the RPC's reader thread into the pipe, within the response deadline."""
+        responses_send, responses = trio.open_memory_channel[bytes | grpc.RpcError](math.inf)
         first_chunk = True
+        failure: grpc.RpcError | None = None
         try:
-            with scope:
-                while True:
-                    response = await trio.to_thread.run_sync(
-                        next, call, None, abandon_on_cancel=True, limiter=self._engine.limiter
-                    )
-                    if response is None:
-                        return
-                    chunk = bytes(response.audio_content)
-                    if first_chunk and chunk.startswith(b"RIFF"):
-                        chunk = _strip_wav_header(chunk)
-                    first_chunk = False
-                    self.pipe.put(chunk)
-                    # Audio is flowing: wait for more without a deadline until the next text or the
-                    # half-close sets one again (a pause between texts is not a stall).
-                    timeout = self._engine.response_timeout
-                    scope.deadline = trio.current_time() + timeout if self._half_closed else math.inf
+            async with trio.open_nursery() as reader:
+                reader.start_soon(self._read_in_thread, call, responses_send, name="gcp-reader")
+                with scope:
+                    async for item in responses:
+                        if isinstance(item, grpc.RpcError):
+                            failure = item
+                            break
+                        chunk = item
+                        if first_chunk and chunk.startswith(b"RIFF"):
+                            chunk = _strip_wav_header(chunk)
+                        first_chunk = False
+                        self.pipe.put(chunk)
+                        # Audio is flowing: wait for more without a deadline until the next text or
+                        # the half-close sets one again (a pause between texts is not a stall).
+                        timeout = self._engine.response_timeout
+                        scope.deadline = trio.current_time() + timeout if self._half_closed else math.inf
+                reader.cancel_scope.cancel()  # the thread is abandoned; cancelling the call ends it
+        finally:
+            responses.close()  # what the thread still hands over is dropped
+            ended.set()
+        if failure is not None:
+            if failure.code() is grpc.StatusCode.ABORTED:
+                log.debug("gcp stream ended by the server after idling: %s", failure)
+                self._aborted_at = trio.current_time()
+                return
+            raise map_grpc_error(failure) from None
+        if scope.cancelled_caught:
             raise VoiceError(
                 f"gcp: no audio for {self._engine.response_timeout:g} s (voice {self.voice_name})",
                 kind="timeout",
             )
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.ABORTED:
-                log.debug("gcp stream ended by the server after idling: %s", exc)
-                self._aborted_at = trio.current_time()
-                return
-            raise map_grpc_error(exc) from None
-        finally:
-            ended.set()
+
+    async def _read_in_thread(
+        self, call: Any, responses: trio.MemorySendChannel[bytes | grpc.RpcError]
+    ) -> None:
+        """One worker thread per RPC iterates its responses and hands each to Trio without waiting for
+        it (no Trio round trip per response, as Polly's reader does); the end closes the channel."""
+        deliver = _deliverer(trio.lowlevel.current_trio_token(), responses)
+        await trio.to_thread.run_sync(
+            _iterate, call, deliver, abandon_on_cancel=True, limiter=self._engine.limiter
+        )
 
     def _release(self) -> None:
         """Cancel the RPC and end its request iterator; never blocks (threads are abandoned)."""
@@ -303,6 +322,40 @@ def _refresh(credentials: Any) -> None:
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _iterate(call: Any, deliver: Callable[[bytes | grpc.RpcError | None], None]) -> None:
+    """In the reader thread: every response's audio, then the RPC's error if it ended with one."""
+    try:
+        for response in call:
+            deliver(bytes(response.audio_content))
+    except grpc.RpcError as exc:
+        deliver(exc)
+    finally:
+        deliver(None)
+
+
+def _deliverer(
+    token: trio.lowlevel.TrioToken, channel: trio.MemorySendChannel[bytes | grpc.RpcError]
+) -> Callable[[bytes | grpc.RpcError | None], None]:
+    """From the reader thread: hand an item (None: the end) to Trio; once the stream is gone, drop it."""
+
+    def put(item: bytes | grpc.RpcError | None) -> None:
+        try:
+            if item is None:
+                channel.close()
+            else:
+                channel.send_nowait(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def deliver(item: bytes | grpc.RpcError | None) -> None:
+        try:
+            token.run_sync_soon(put, item)
+        except trio.RunFinishedError:
+            pass
+
+    return deliver
 
 
 def _release(call: Any, requests: queue.Queue[Any]) -> None:
