@@ -213,10 +213,12 @@ async def soak(settings: Settings) -> Row:
                 await end_streaming(sid)
 
             async def settle(within: float = 15.0) -> int:
-                with trio.fail_after(within):
+                with trio.move_on_after(within):
                     await metric_until(daemon, lambda m: m["tts_streamer_active_sessions"] == 0)
-                await trio.sleep(1.0)
-                return int((await daemon.metrics())["tts_streamer_tasks"])
+                    await trio.sleep(1.0)
+                    return int((await daemon.metrics())["tts_streamer_tasks"])
+                live = await daemon.console("sessions")  # which, for the report: seen at load 8-11
+                raise AssertionError(f"daemon not idle {within:g} s after every session ended: {live}")
 
             # Warm up once so lazily started long-lived tasks exist before the baseline.
             await end_streaming(await new_streaming())
