@@ -37,8 +37,8 @@ SOAK_WARM_UP_TENTHS = 3  # the first leak reading, with the workers held: after 
 # reach their high-water mark and then keeps what they once needed (docs/reliability.md), so RSS after
 # the warm-up measures allocator retention, not leaks: it has no bound of its own any more, and leaks
 # are judged on live blocks (soak_memory.py). The ceiling, idle start to idle end: the most seen was
-# +45.8 MiB (the 10-minute run of 2026-12-03; 180 s runs +24 to +27), levelling off (a 45-minute
-# attempt grew 0.5 MiB between its 20th and 24th minute); 64 MiB leaves 40% for a busier machine,
+# +46.8 MiB (10-minute runs of 2026-12-03: +34 to +47; 180 s runs +21 to +27), levelling off (a 45-minute
+# attempt grew 0.5 MiB between its 20th and 24th minute); 64 MiB leaves a third for a busier machine,
 # where more sessions overlap in their slow phases, and stays far inside the Deployment's 256Mi.
 SOAK_RSS_CEILING_KIB = 64 * 1024
 
@@ -169,10 +169,7 @@ async def soak(settings: Settings) -> Row:
                         await trio.sleep(rng.uniform(0.2, 1.0))
                         if rng.random() < 0.3:
                             ok(await rig.caller.call(rig.pod_queue(), f"{speaking}/flush", "POST"), "flush")
-                    stop = await rig.caller.call(rig.pod_queue(), f"{speaking}/stop", "POST")
-                    ok(stop, "speaking stop")
-                    if stop is None:  # as in end_streaming
-                        await rig.caller.call(rig.pod_queue(), f"{speaking}/stop", "POST")
+                    ok(await rig.caller.call(rig.pod_queue(), f"{speaking}/stop", "POST"), "speaking stop")
                     forget_leg(reply.data["id"])
 
             async def worker() -> None:
