@@ -103,18 +103,26 @@ def _rig_files(workdir: str) -> dict[str, Any]:
 
 
 def open_child_daemon(
-    url: str, caller: VoipbinCaller, engine: SyntheticEngine
+    url: str, caller: VoipbinCaller, engine: SyntheticEngine, env: dict[str, str] | None = None
 ) -> AbstractAsyncContextManager[DaemonProcess]:
-    """A daemon process on ``url`` whose synthetic voice speaks at ``engine``'s pace."""
-    return open_daemon_process(url, caller, env=synthetic_env(engine.seconds_per_char, engine.speed))
+    """A daemon process on ``url`` whose synthetic voice speaks at ``engine``'s pace (``env``: more of
+    its environment)."""
+    full_env = synthetic_env(engine.seconds_per_char, engine.speed) | (env or {})
+    return open_daemon_process(url, caller, env=full_env)
 
 
 @asynccontextmanager
 async def open_rig(
-    *, pods: int = 1, engine: SyntheticEngine | None = None, child: bool = False, **config: Any
+    *,
+    pods: int = 1,
+    engine: SyntheticEngine | None = None,
+    child: bool = False,
+    child_env: dict[str, str] | None = None,
+    **config: Any,
 ) -> AsyncIterator[Rig]:
     """``pods`` daemons in this process; or, with ``child``, one daemon in a process of its own
-    (``rig.child``; its voice is ``engine``'s pace, ``config`` does not apply) and none in this one."""
+    (``rig.child``; its voice is ``engine``'s pace, ``child_env`` added to its environment, ``config``
+    does not apply) and none in this one."""
     assert not (child and config), "a child daemon takes its configuration from the environment"
     await purge_queues(SHARED_QUEUE, CALL_MANAGER_QUEUE)
     engine = engine or SyntheticEngine(seconds_per_char=0.05, speed=4.0)
@@ -141,7 +149,9 @@ async def open_rig(
 
         child_daemon = None
         if child:
-            child_daemon = await stack.enter_async_context(open_child_daemon(RABBITMQ_URL, caller, engine))
+            child_daemon = await stack.enter_async_context(
+                open_child_daemon(RABBITMQ_URL, caller, engine, child_env)
+            )
             pods = 0
         for index in range(pods):
             pod_id = f"test-pod-{index}-{uuid.uuid4().hex[:6]}"

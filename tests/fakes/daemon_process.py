@@ -14,6 +14,7 @@ stops it with SIGTERM (a graceful drain), killing it only if that takes too long
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -25,6 +26,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
@@ -98,11 +100,15 @@ def daemon_command(engine: str = "synthetic") -> list[str]:
     return [script, "serve"] if script else [sys.executable, "-m", "tts_streamer.cli", "serve"]
 
 
+CONSOLE_TIMEOUT = 30.0  # ``memory`` collects the whole heap: seconds on a loaded machine
+
+
 @attrs.define
 class DaemonProcess:
     process: trio.Process
     pod_id: str
     http_port: int
+    admin_socket: str = ""
 
     @property
     def pod_queue(self) -> str:
@@ -129,6 +135,32 @@ class DaemonProcess:
         if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n", 1)[0]:
             raise RuntimeError(f"/metrics answered {head[:80]!r}")
         return parse_samples(body.decode())
+
+    async def console(self, command: str) -> list[dict[str, Any]]:
+        """One admin console command with ``--json`` (docs/operations.md): its rows, parsed."""
+        with trio.fail_after(CONSOLE_TIMEOUT):
+            stream = await trio.open_unix_socket(self.admin_socket)
+            async with stream:
+                buffer = bytearray()
+
+                async def response() -> list[str]:
+                    while b"\n\n" not in buffer:
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            raise RuntimeError(f"console closed after {bytes(buffer)[:200]!r}")
+                        buffer.extend(chunk)
+                    end = buffer.index(b"\n\n")
+                    text = buffer[:end].decode()
+                    del buffer[: end + 2]
+                    return text.split("\n")
+
+                await response()  # the greeting
+                await stream.send_all(f"{command} --json\nquit\n".encode())
+                rows = [json.loads(row) for row in await response()]
+        errors = [row for row in rows if "error" in row]
+        if errors:
+            raise RuntimeError(f"console {command!r} answered {errors[0]}")
+        return rows
 
     async def wait_serving(self, caller: VoipbinCaller) -> None:
         """Until the daemon answers a request on its pod queue (a GET of an unknown streaming)."""
@@ -163,7 +195,7 @@ async def open_daemon_process(
         process = await trio.lowlevel.open_process(
             daemon_command(engine), env=full_env, stdin=subprocess.DEVNULL
         )
-        daemon = DaemonProcess(process, pod_id, port)
+        daemon = DaemonProcess(process, pod_id, port, full_env["ADMIN_SOCKET"])
         try:
             await daemon.wait_serving(caller)
             yield daemon
@@ -174,11 +206,40 @@ async def open_daemon_process(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# Read here only: the daemon itself has no leak hook. The number of records each ended session leaks.
+LEAK_ENV = "TEST_INJECTED_LEAK_RECORDS"
+
+
+def inject_leak(records: int) -> list[object]:
+    """Make every ended session leak ``records`` small records (the soak's check must see it:
+    tests/reliability/soak_memory.py). A record is what a forgotten per-session entry in some registry
+    would be: a dict with the call id, the reason, a float and 1 KiB of payload, 1.2 KiB in five
+    blocks. Returns the list that keeps them for ever."""
+    from tts_streamer.actors import events as ev
+    from tts_streamer.supervisor.event_bus import EventBus
+
+    leaked: list[object] = []
+    emit = EventBus.emit
+
+    def leaky_emit(self: EventBus, event: ev.SessionEvent) -> None:
+        if isinstance(event, ev.Stopped):
+            for _ in range(records):
+                record = {"call_id": event.call_id, "reason": event.reason, "at": 0.5 + len(leaked)}
+                leaked.append(record | {"payload": bytes(1024)})
+        emit(self, event)
+
+    EventBus.emit = leaky_emit  # type: ignore[method-assign]
+    return leaked
+
+
 def main() -> int:
     """``tts-streamer serve`` with the synthetic voice registered (and default unless DEFAULT_ENGINE
-    says otherwise)."""
+    says otherwise); with TEST_INJECTED_LEAK_BYTES, a daemon that leaks (``inject_leak``)."""
     from tts_streamer.adapters.synthetic import SyntheticEngine
     from tts_streamer.cli import serve
+
+    if int(os.environ.get(LEAK_ENV) or 0):
+        inject_leak(int(os.environ[LEAK_ENV]))
 
     seconds_per_char = float(os.environ.get("SYNTHETIC_SECONDS_PER_CHAR", "0.05"))
     speed = float(os.environ.get("SYNTHETIC_SPEED", "inf"))

@@ -13,7 +13,7 @@ traced; later ones also write ``<n>.snapshot``. SIGUSR1 does the same, then a fu
 records what it freed (the daemon's GC thresholds make full collections rare: supervisor/gc_tuning.py).
 Tracing from start-up slowed the set-up enough to fail creates on a loaded machine, and 8 frames stalled
 the daemon's broker I/O for seconds, so the soak signals only while no worker runs: once idle before the
-run, after it, and idle at the end.
+run, idle at the warm-up mark (after its ``memory`` reading), after the run, and idle at the end.
 """
 
 from __future__ import annotations

@@ -24,7 +24,20 @@ from tts_streamer.supervisor.ops.console import (
     default_console_path,
 )
 
-COMMANDS = ("sessions", "show", "say", "flush", "finish", "stop", "tasks", "events", "stats", "help", "quit")
+COMMANDS = (
+    "sessions",
+    "show",
+    "say",
+    "flush",
+    "finish",
+    "stop",
+    "tasks",
+    "events",
+    "stats",
+    "memory",
+    "help",
+    "quit",
+)
 HISTORY_FILE = os.path.join(os.path.expanduser("~"), ".tts_streamer_console_history")
 PROMPT = "tts> "
 

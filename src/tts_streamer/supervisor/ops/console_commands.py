@@ -18,6 +18,7 @@ import trio
 from tts_streamer.actors.commands import Command, CommandError, SayAdd, SayFinish, SayFlush, SayInit
 from tts_streamer.actors.session import Session
 from tts_streamer.supervisor.event_bus import EventBus
+from tts_streamer.supervisor.ops.console_memory import memory_report
 from tts_streamer.supervisor.ops.console_parse import HELP, ConsoleError, Request, parse
 from tts_streamer.supervisor.ops.console_views import (
     EventHistory,
@@ -33,17 +34,6 @@ from tts_streamer.supervisor.ops.console_views import (
     walk_tasks,
 )
 from tts_streamer.supervisor.ops.metrics import Metrics
-
-__all__ = [
-    "HELP",
-    "ClientGone",
-    "ConsoleCommands",
-    "ConsoleError",
-    "ConsoleIO",
-    "Outcome",
-    "Request",
-    "parse",
-]
 from tts_streamer.supervisor.sessions import Supervisor
 
 # ConsoleError and parse were defined here: their importers keep working.
@@ -123,6 +113,7 @@ class ConsoleCommands:
             "tasks": self._tasks,
             "events": self._events,
             "stats": self._stats,
+            "memory": self._memory,
             "help": self._help,
         }
 
@@ -301,6 +292,12 @@ class ConsoleCommands:
         if request.json:
             return [json.dumps(values)]
         return key_values(values)
+
+    async def _memory(self, request: Request, io: ConsoleIO) -> list[str]:
+        values = memory_report(self.history, self.metrics.plane if self.metrics is not None else None)
+        if request.json:
+            return [json.dumps(values)]
+        return key_values({k: "/".join(map(str, v)) if isinstance(v, list) else v for k, v in values.items()})
 
     async def _help(self, request: Request, io: ConsoleIO) -> list[str]:
         if request.json:

@@ -14,6 +14,7 @@ HELP = (
     ("tasks", "the live Trio task tree, with where each task waits"),
     ("events [id]", "follow events live (all sessions or one); send any line to stop"),
     ("stats", "process-wide counters"),
+    ("memory", "a full GC, then live Python blocks and objects, RSS; stalls the loop: for an idle daemon"),
     ("help", "this list"),
     ("quit", "close this console"),
 )
@@ -46,6 +47,7 @@ _ARITY: dict[str, tuple[int, int, str]] = {
     "tasks": (0, 0, "tasks [--json]"),
     "events": (0, 1, "events [id] [--json]"),
     "stats": (0, 0, "stats [--json]"),
+    "memory": (0, 0, "memory [--json]"),
     "help": (0, 0, "help [--json]"),
     "quit": (0, 0, "quit"),
 }

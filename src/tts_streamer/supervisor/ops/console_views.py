@@ -68,6 +68,14 @@ class EventHistory:
         self._prune(trio.current_time())
         return list(self._rings.get(call_id, ()))
 
+    def held(self) -> tuple[int, int]:
+        """(sessions, events) held now, live and ended."""
+        return len(self._rings), sum(len(ring) for ring in self._rings.values())
+
+    def contents(self) -> tuple[object, ...]:
+        """What the history holds, for counting its memory (console_memory.held_blocks)."""
+        return (self._rings, self._ended_at)
+
     def _prune(self, now: float) -> None:
         while self._ended_at:
             call_id, ended = next(iter(self._ended_at.items()))
