@@ -15,6 +15,7 @@ import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from tests.amqp_support import open_rig
+from tests.fakes.daemon_process import DaemonProcess
 from tests.reliability.common import (
     Row,
     Settings,
@@ -28,6 +29,7 @@ from tests.reliability.common import (
     sid_of,
     wait_for_events,
 )
+from tests.reliability.soak_memory import QUIET_SECONDS
 from tests.test_amqp_bad_input import BurstClient
 from tests.test_amqp_resilience import create, poll_until
 from tts_streamer.adapters.synthetic import SyntheticEngine
@@ -211,10 +213,21 @@ async def open_keeping_client(connection: AbstractRobustConnection) -> AsyncIter
             await aio(channel.close)()
 
 
-# After warm-up (the first third of the large say_adds): the unbounded daemon kept every text (14.9 MB
-# here); a bounded one reaches its allocator's high-water mark early (some 14 MiB on the first
-# thousand 4.9 KB requests, measured) and then stays flat.
-RSS_GROWTH_BOUND = 8 * 2**20
+# What the flood may leave behind is judged on live Python blocks read in the daemon (its console's
+# ``memory``: a full collection first), after the warm-up (the first third of the large say_adds) and
+# at the end: a daemon that kept every say_add (the 14.9 MB message of issue 14 §5) keeps a block per
+# text, 2,000 in the last phase of the full form, against this bound. RSS is reported, not judged: it
+# measures the allocators' high-water mark, which a faster command plane raises (+6 MiB after warm-up
+# at 31-122 s for the flood, +9.7 MiB at 8.5 s once the plane took it in one go), not what is kept.
+FLOOD_BLOCKS_PER_SAY_ADD = 0.25
+FLOOD_BLOCKS_SLACK = 1000
+
+
+async def live_blocks(daemon: DaemonProcess) -> int:
+    """Live Python blocks in the daemon, less the console history's and the latencies' (both bounded),
+    once the broker calls' cancelled timers of the last AMQP timeout are gone (soak_memory.py)."""
+    await trio.sleep(QUIET_SECONDS)
+    return int((await daemon.console("memory"))[0]["other_blocks"])
 
 
 async def say_add_flood(settings: Settings) -> Row:
@@ -228,8 +241,9 @@ async def say_add_flood(settings: Settings) -> Row:
     message_too_long or busy); + none refused at all (nothing bounded the message); + say_stop not
     answered 200, or the flooded message's message_play_finished missing, or its total_message empty
     or over MAX_MESSAGE_TEXT_BYTES; + the neighbour's message not played to its end, or with
-    underruns; + the daemon's RSS growing by more than 8 MiB after warm-up (the first third of the
-    large say_adds); + streaming_deleted not exactly once after the DELETEs.
+    underruns; + the daemon's live Python blocks growing after warm-up (the first third of the large
+    say_adds) by more than FLOOD_BLOCKS_PER_SAY_ADD a say_add + FLOOD_BLOCKS_SLACK; + streaming_deleted
+    not exactly once after the DELETEs.
     """
     small, large = (300, 40) if settings.quick else (10_000, 3_000)
     row = Row("say_add flood", f"{small} x 18 B + {large} x 4,900 B say_adds to one message", 2)
@@ -250,6 +264,7 @@ async def say_add_flood(settings: Settings) -> Row:
             warm = large // 3  # RSS settles once the large bodies have been through (allocator high-water)
             phases = [small_texts, large_texts[:warm], large_texts[warm:]]
             rss: list[int] = []
+            blocks: list[int] = []
             outcomes: dict[str, int] = {}
             started = time.monotonic()
             # One channel and reply queue for the whole flood (the per-request caller cannot do 13,000).
@@ -269,6 +284,8 @@ async def say_add_flood(settings: Settings) -> Row:
                         kind = _refusal(envelope.parse_response(raw) if raw is not None else None)
                         outcomes[kind] = outcomes.get(kind, 0) + 1
                     rss.append(daemon.rss_kib() * 1024)
+                    if texts is not small_texts:  # after the warm-up, and at the end
+                        blocks.append(await live_blocks(daemon))
             flood_took = time.monotonic() - started
             bad = {k: n for k, n in outcomes.items() if k not in {"ok", "500"}}
             row.lose(f"say_adds unanswered or refused otherwise: {bad}", sum(bad.values()))
@@ -302,11 +319,13 @@ async def say_add_flood(settings: Settings) -> Row:
             ]
             row.lose("neighbour's message cut short", len(short))
             row.lose("neighbour underruns", rig.sim_call_for(neighbour).underruns)
-    growth = rss[-1] - rss[1]
-    row.lose(f"RSS grew {growth / 2**20:.1f} MiB after warm-up", growth > RSS_GROWTH_BOUND)
+    grew = blocks[-1] - blocks[0]
+    allowed = FLOOD_BLOCKS_PER_SAY_ADD * (large - warm) + FLOOD_BLOCKS_SLACK
+    row.lose(f"live Python blocks grew by {grew} after warm-up (allowed {allowed:.0f})", grew > allowed)
     mib = " -> ".join(f"{value / 2**20:.0f}" for value in [rss_before, *rss])
     row.figures = (
         f"{small + large} say_adds in {flood_took:.1f} s: {dict(sorted(outcomes.items()))}; "
-        f"total_message {total} B; RSS {mib} MiB (start, small done, {warm} large, all)"
+        f"total_message {total} B; RSS {mib} MiB (start, small done, {warm} large, all); live blocks "
+        f"{blocks[0]} -> {blocks[-1]} after warm-up ({grew:+d}, allowed {allowed:.0f})"
     )
     return row
