@@ -197,5 +197,7 @@ async def test_late_audio_of_a_closed_context_is_dropped_and_the_next_context_he
                 audio = b"".join([chunk async for chunk in second.audio()])
             await wait_until(lambda: fake.contexts[0].final_at is not None, 1, "c1's isFinal")
     assert set(audio) == {fake_fill_byte("The next one. ")}
-    assert session.late_chunks_dropped == fake.contexts[0].late_chunks_sent > 0
+    # Every late chunk is dropped; on a loaded machine so are c1's chunks that were already on their way
+    # when its close went out (they come after the flush just the same).
+    assert session.late_chunks_dropped >= fake.contexts[0].late_chunks_sent > 0
     assert (first.context_id, second.context_id) == ("c1", "c2") and len(fake.connections) == 1

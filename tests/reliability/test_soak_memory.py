@@ -88,7 +88,8 @@ async def test_the_injected_leak_keeps_four_blocks_of_every_ended_session(monkey
         bus.emit(ev.Stopped(call_id, "deleted"))
     gc.collect()
     assert len(leaked) == 2000
-    assert 3.9 <= (sys.getallocatedblocks() - blocks) / 2000 <= 4.1
+    # Four blocks a session, give or take what the rest of the test process frees meanwhile.
+    assert 3.5 <= (sys.getallocatedblocks() - blocks) / 2000 <= 4.5
 
 
 @pytest.mark.realtime
