@@ -45,6 +45,7 @@ from tts_streamer.adapters.vendor_stream import (
     guarded,
     split_sentences,
     split_under,
+    thread_deliverer,
 )
 from tts_streamer.adapters.voice import VoiceError, VoiceSpec
 from tts_streamer.adapters.voices import select_voice
@@ -299,7 +300,7 @@ class GoogleStream:
     ) -> None:
         """One worker thread per RPC iterates its responses and hands each to Trio without waiting for
         it (no Trio round trip per response, as Polly's reader does); the end closes the channel."""
-        deliver = _deliverer(trio.lowlevel.current_trio_token(), responses)
+        deliver = thread_deliverer(trio.lowlevel.current_trio_token(), responses)
         await trio.to_thread.run_sync(
             _iterate, call, deliver, abandon_on_cancel=True, limiter=self._engine.limiter
         )
@@ -333,29 +334,6 @@ def _iterate(call: Any, deliver: Callable[[bytes | grpc.RpcError | None], None])
         deliver(exc)
     finally:
         deliver(None)
-
-
-def _deliverer(
-    token: trio.lowlevel.TrioToken, channel: trio.MemorySendChannel[bytes | grpc.RpcError]
-) -> Callable[[bytes | grpc.RpcError | None], None]:
-    """From the reader thread: hand an item (None: the end) to Trio; once the stream is gone, drop it."""
-
-    def put(item: bytes | grpc.RpcError | None) -> None:
-        try:
-            if item is None:
-                channel.close()
-            else:
-                channel.send_nowait(item)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-
-    def deliver(item: bytes | grpc.RpcError | None) -> None:
-        try:
-            token.run_sync_soon(put, item)
-        except trio.RunFinishedError:
-            pass
-
-    return deliver
 
 
 def _release(call: Any, requests: queue.Queue[Any]) -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +33,7 @@ from tts_streamer.adapters.vendor_stream import (
     guarded,
     split_sentences,
     split_under,
+    thread_deliverer,
 )
 from tts_streamer.adapters.voice import VoiceError, VoiceSpec
 from tts_streamer.adapters.voices import select_voice
@@ -261,7 +262,7 @@ class PollyStream:
     def _fetch_in_thread(self, segment: _Segment) -> None:
         engine = self._engine
         engine._count(+1)
-        deliver = _deliverer(self._token, segment.channel[0])
+        deliver = thread_deliverer(self._token, segment.channel[0])
         body = None
         try:
             if segment.stop.is_set():  # the stream was left before this thread got going
@@ -328,26 +329,3 @@ def _drain(body: Any, limit: int, seconds: float) -> bool:
             return True
         total += len(data)
     return False
-
-
-def _deliverer(
-    token: trio.lowlevel.TrioToken, channel: trio.MemorySendChannel[bytes | VoiceError]
-) -> Callable[[bytes | VoiceError | None], None]:
-    """From a worker thread: hand an item (None: the end) to Trio without waiting for it."""
-
-    def put(item: bytes | VoiceError | None) -> None:
-        try:
-            if item is None:
-                channel.close()
-            else:
-                channel.send_nowait(item)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the stream is gone: late audio is dropped
-
-    def deliver(item: bytes | VoiceError | None) -> None:
-        try:
-            token.run_sync_soon(put, item)
-        except trio.RunFinishedError:
-            pass
-
-    return deliver

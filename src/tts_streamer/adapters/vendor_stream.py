@@ -157,3 +157,29 @@ async def wait_future(fut: Future[_T]) -> _T:
     else:
         await trio.lowlevel.checkpoint()
     return fut.result()
+
+
+def thread_deliverer(
+    token: trio.lowlevel.TrioToken, channel: trio.MemorySendChannel[_T]
+) -> Callable[[_T | None], None]:
+    """For an SDK's reader thread: hand each item (None: the end) to Trio without waiting for it.
+
+    Once the stream is gone (the channel closed by a flush) or the Trio run has ended, late items are
+    dropped: the thread never blocks on Trio and never raises into the SDK's loop."""
+
+    def put(item: _T | None) -> None:
+        try:
+            if item is None:
+                channel.close()
+            else:
+                channel.send_nowait(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def deliver(item: _T | None) -> None:
+        try:
+            token.run_sync_soon(put, item)
+        except trio.RunFinishedError:
+            pass
+
+    return deliver
